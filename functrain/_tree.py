@@ -1,0 +1,171 @@
+"""Tree maths: the only module that touches a pytree library.
+
+Every other module sees pytrees through these functions. The ``torch._foreach_*`` fast paths live
+here too: they run one kernel per (device, dtype) group of leaves instead of one per leaf, which is
+what makes an eager update over hundreds of tensors cheap. They are used only in plain eager mode;
+under ``torch.compile`` the per-leaf form is traced and fused by inductor, and under ``torch.func``
+transforms (vmap, grad) or autograd the per-leaf form is the one with full support.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+Tree = Any
+
+leaves = pytree.tree_leaves
+flatten = pytree.tree_flatten
+unflatten = pytree.tree_unflatten
+
+
+class TreeMismatchError(ValueError):
+    """Two pytrees that must share a structure do not; the message names the first differing key."""
+
+
+def _keyed_leaves(tree: Tree) -> list[str]:
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return [pytree.keystr(path) for path, _ in paths]
+
+
+def first_difference(a: Tree, b: Tree) -> str:
+    """Describes where two trees first differ, by key path."""
+    keys_a, keys_b = _keyed_leaves(a), _keyed_leaves(b)
+    for key_a, key_b in zip(keys_a, keys_b):
+        if key_a != key_b:
+            return f"first differing key: {key_a or '<root>'} vs {key_b or '<root>'}"
+    if len(keys_a) != len(keys_b):
+        longer, extra = ("first", keys_a) if len(keys_a) > len(keys_b) else ("second", keys_b)
+        missing = extra[min(len(keys_a), len(keys_b))]
+        return f"first differing key: {missing or '<root>'} (only in the {longer})"
+    return f"same keys, different container types: {pytree.tree_structure(a)} vs {pytree.tree_structure(b)}"
+
+
+def check_same_structure(a: Tree, b: Tree, name_a: str = "first", name_b: str = "second") -> None:
+    """Raises :class:`TreeMismatchError` naming the first differing key if ``a`` and ``b`` differ."""
+    if pytree.tree_structure(a) != pytree.tree_structure(b):
+        raise TreeMismatchError(f"{name_a} and {name_b} have different structures; {first_difference(a, b)}")
+
+
+def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - tree.map reads well
+    """``fn`` applied leaf by leaf over trees of one structure (checked, with the first differing key)."""
+    flat, spec = pytree.tree_flatten(tree)
+    others = []
+    for other in rest:
+        other_flat, other_spec = pytree.tree_flatten(other)
+        if other_spec != spec:
+            raise TreeMismatchError(f"trees have different structures; {first_difference(tree, other)}")
+        others.append(other_flat)
+    return pytree.tree_unflatten([fn(*xs) for xs in zip(flat, *others)], spec)
+
+
+def map_many(fn: Callable[..., tuple], tree: Tree, *rest: Tree, n: int) -> tuple[Tree, ...]:
+    """Like :func:`map` for an ``fn`` that returns a tuple of ``n`` tensors; returns ``n`` trees."""
+    flat, spec = pytree.tree_flatten(tree)
+    for other in rest:
+        if pytree.tree_structure(other) != spec:
+            raise TreeMismatchError(f"trees have different structures; {first_difference(tree, other)}")
+    results = [fn(*xs) for xs in zip(flat, *(pytree.tree_leaves(o) for o in rest))]
+    return tuple(pytree.tree_unflatten([r[i] for r in results], spec) for i in range(n))
+
+
+def structure(tree: Tree) -> pytree.TreeSpec:
+    return pytree.tree_structure(tree)
+
+
+# ----------------------------------------------------------------------------- the multi-tensor path
+
+
+def fast_path_ok(tree_leaves: Sequence[Tensor]) -> bool:
+    """Whether the ``torch._foreach_*`` path may run: plain eager mode, nothing to differentiate."""
+    if not tree_leaves or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / grad / jvp
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tree_leaves))
+
+
+def foreach_map(fn: Callable[..., Sequence[list[Tensor]]], *trees: Tree) -> tuple[Tree, ...]:
+    """Runs ``fn(*lists)`` once per (device, dtype) group of the trees' leaves.
+
+    ``fn`` receives one list per input tree (matching positions) and returns a sequence of output
+    lists, each matching its inputs; the outputs are put back into trees of the first tree's
+    structure. Groups follow the first tree's leaves.
+    """
+    flats = []
+    spec = pytree.tree_structure(trees[0])
+    for tree in trees:
+        flat, other_spec = pytree.tree_flatten(tree)
+        if other_spec != spec:
+            raise TreeMismatchError(f"trees have different structures; {first_difference(trees[0], tree)}")
+        flats.append(flat)
+    outputs: list[list[Tensor | None]] | None = None
+    groups = _group_tensors_by_device_and_dtype(flats, with_indices=True)
+    for (_device, _dtype), (lists, indices) in groups.items():
+        results = fn(*lists)
+        if outputs is None:
+            outputs = [[None] * len(flats[0]) for _ in results]
+        for out, result in zip(outputs, results):
+            for i, value in zip(indices, result):
+                out[i] = value
+    assert outputs is not None, "foreach_map needs at least one leaf"
+    return tuple(pytree.tree_unflatten(out, spec) for out in outputs)
+
+
+def scalar_for(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A hyperparameter value ready for a foreach op over tensors like ``like``."""
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return value
+
+
+# ----------------------------------------------------------------------------- tree maths
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    """``a + b`` leaf by leaf, each result in ``a``'s dtype (so bf16 params stay bf16)."""
+    if fast_path_ok(leaves(a)):
+        return foreach_map(lambda xs, ys: (torch._foreach_add(xs, ys),), a, _cast_like(b, a))[0]
+    return map(lambda x, y: x + y.to(x.dtype), a, b)
+
+
+def _cast_like(tree: Tree, like: Tree) -> Tree:
+    return map(lambda t, ref: t if t.dtype == ref.dtype else t.to(ref.dtype), tree, like)
+
+
+def zeros_like(tree: Tree) -> Tree:
+    return map(lambda t: torch.zeros_like(t, memory_format=torch.preserve_format), tree)
+
+
+def full_like(tree: Tree, value: float | Tensor) -> Tree:
+    return map(
+        lambda t: torch.full_like(t, 0.0).add_(value) if isinstance(value, Tensor) else torch.full_like(t, value), tree
+    )
+
+
+def scale(tree: Tree, factor: float | Tensor) -> Tree:
+    """``factor * tree``."""
+    if fast_path_ok(leaves(tree)):
+        return foreach_map(lambda xs: (torch._foreach_mul(xs, scalar_for(factor, xs[0])),), tree)[0]
+    return map(lambda t: t * factor, tree)
+
+
+def add_scaled(a: Tree, b: Tree, factor: float | Tensor) -> Tree:
+    """``a + factor * b``."""
+    if fast_path_ok(leaves(a)):
+
+        def fused(xs, ys):
+            f = scalar_for(factor, xs[0])
+            return (
+                torch._foreach_add(xs, torch._foreach_mul(ys, f))
+                if isinstance(f, Tensor)
+                else torch._foreach_add(xs, ys, alpha=f),
+            )
+
+        return foreach_map(fused, a, b)[0]
+    return map(lambda x, y: x + factor * y, a, b)

@@ -1,0 +1,89 @@
+"""Hyperparameter checks made once, in the factory, with messages that say what is allowed.
+
+Schedules cannot be checked before they run, so they pass; floats and 0-d tensors are checked
+(a tensor is read once here, outside any compiled code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor
+
+_skip = contextvars.ContextVar("functrain_skip_validation", default=False)
+
+
+@contextlib.contextmanager
+def skipped() -> Iterator[None]:
+    """Within this block factories do not check values: used when a wrapper rebuilds a
+    transformation each step from values it already checked (reading tensors would sync)."""
+    token = _skip.set(True)
+    try:
+        yield
+    finally:
+        _skip.reset(token)
+
+
+def _number(value: Any) -> float | None:
+    """The value as a float, or None when there is nothing to check (a schedule, or checks skipped)."""
+    if callable(value) or _skip.get():
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a tensor hyperparameter must hold one element, got shape {tuple(value.shape)}")
+        return float(value.detach().cpu().item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a float, a 0-d tensor or a schedule, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def in_range(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raises ``ValueError("<owner>: <name> must be in [low, high), got <value>")`` when outside.
+
+    ``low``/``high`` of None mean unbounded; ``*_open`` excludes the bound itself.
+    """
+    try:
+        x = _number(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{owner}: {name}: {error}") from None
+    if x is None:
+        return
+    too_low = low is not None and (x <= low if low_open else x < low)
+    too_high = high is not None and (x >= high if high_open else x > high)
+    if math.isnan(x) or too_low or too_high:
+        raise ValueError(f"{owner}: {name} must be {_describe(low, high, low_open, high_open)}, got {value!r}")
+
+
+def _describe(low, high, low_open, high_open) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def one_of(owner: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner}: {name} must be one of {allowed}, got {value!r}")
+
+
+def pair(owner: str, name: str, value: Any) -> tuple[Any, Any]:
+    """Unpacks a 2-tuple hyperparameter such as ``betas``, naming it when it is not one."""
+    try:
+        first, second = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a pair of values, got {value!r}") from None
+    return first, second

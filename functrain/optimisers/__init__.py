@@ -1,0 +1,16 @@
+"""Optimisers: each a ``chain`` of transforms mirroring one torch.optim class (or a paper)."""
+
+from ._adafactor import adafactor as adafactor
+from ._adam import adam as adam, adamw as adamw
+from ._adam_variants import adamax as adamax, nadam as nadam, radam as radam
+from ._asgd import asgd as asgd
+from ._lion import lion as lion
+from ._muon import muon as muon
+from ._rms import adadelta as adadelta, adagrad as adagrad, rmsprop as rmsprop
+from ._rprop import rprop as rprop
+from ._schedule_free import (
+    schedule_free_adamw as schedule_free_adamw,
+    schedule_free_eval_params as schedule_free_eval_params,
+)
+from ._sgd import sgd as sgd
+from ._trust_ratio import lamb as lamb, lars as lars

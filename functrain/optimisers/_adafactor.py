@@ -1,0 +1,5 @@
+"""TODO (in progress this session): filled in by its owner."""
+
+
+def adafactor(*args, **kwargs):
+    raise NotImplementedError("adafactor")

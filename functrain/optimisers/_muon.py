@@ -1,0 +1,5 @@
+"""TODO (in progress this session): filled in by its owner."""
+
+
+def muon(*args, **kwargs):
+    raise NotImplementedError("muon")
