@@ -13,7 +13,7 @@ from .base import (
     identity as identity,
     register_state as register_state,
 )
-from .combine import chain as chain
+from .combine import chain as chain, partition as partition, set_to_zero as set_to_zero
 from .optimisers import (
     adadelta as adadelta,
     adafactor as adafactor,
@@ -61,12 +61,14 @@ __all__ = [
     "muon",
     "nadam",
     "optimisers",
+    "partition",
     "radam",
     "register_state",
     "rmsprop",
     "rprop",
     "schedule_free_adamw",
     "schedule_free_eval_params",
+    "set_to_zero",
     "sgd",
     "transforms",
 ]

@@ -169,3 +169,17 @@ def add_scaled(a: Tree, b: Tree, factor: float | Tensor) -> Tree:
 
         return foreach_map(fused, a, b)[0]
     return map(lambda x, y: x + factor * y, a, b)
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def named_leaves(tree: Tree) -> list[tuple[str, Tensor]]:
+    """``(name, leaf)`` pairs, the name joining the keys with dots as ``named_parameters`` does
+    (``{"fc": {"weight": w}}`` gives ``"fc.weight"``; a flat ``named_parameters`` dict keeps its keys)."""
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in paths]

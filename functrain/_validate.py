@@ -1,38 +1,39 @@
 """Hyperparameter checks made once, in the factory, with messages that say what is allowed.
 
 Schedules cannot be checked before they run, so they pass; floats and 0-d tensors are checked
-(a tensor is read once here, outside any compiled code).
+(a CPU tensor is read here; see `_readable`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
-_skip = contextvars.ContextVar("functrain_skip_validation", default=False)
 
+def _readable(value: Tensor) -> bool:
+    """Whether reading a tensor's value here is free: on the CPU, in eager mode, outside vmap/grad.
 
-@contextlib.contextmanager
-def skipped() -> Iterator[None]:
-    """Within this block factories do not check values: used when a wrapper rebuilds a
-    transformation each step from values it already checked (reading tensors would sync)."""
-    token = _skip.set(True)
-    try:
-        yield
-    finally:
-        _skip.reset(token)
+    Wrappers such as ``inject_hyperparams`` rebuild a transformation every step from tensors; a
+    read there would synchronise a GPU, or break a compiled graph, so those values pass unchecked
+    (their initial values were checked when the wrapper was built).
+    """
+    return (
+        value.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
 
 
 def _number(value: Any) -> float | None:
-    """The value as a float, or None when there is nothing to check (a schedule, or checks skipped)."""
-    if callable(value) or _skip.get():
+    """The value as a float, or None when there is nothing to check now (a schedule, an unreadable tensor)."""
+    if callable(value):
         return None
     if isinstance(value, Tensor):
+        if not _readable(value):
+            return None
         if value.numel() != 1:
             raise ValueError(f"a tensor hyperparameter must hold one element, got shape {tuple(value.shape)}")
         return float(value.detach().cpu().item())

@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _validate
 from .base import GradientTransformation, OptState, register_state, step_count
 
 
@@ -64,8 +63,7 @@ def inject_hyperparams(
             return {name: _value(spec, count, stored[name]) for name, spec in injected.items()}
 
         def inner(hyperparams: dict[str, Any]) -> GradientTransformation:
-            with _validate.skipped():  # checked once above; reading tensors here would sync
-                return factory(**static, **hyperparams)
+            return factory(**static, **hyperparams)
 
         def init(params):
             count = step_count(params)

@@ -42,11 +42,21 @@ def run_functrain(tx: ft.GradientTransformation, params: dict, steps: int, updat
     return params
 
 
-def run_reference(reference: Callable[..., torch.optim.Optimizer], kwargs: dict[str, Any], params: dict,
-                  steps: int) -> dict:
+def run_reference(
+    reference: Callable[..., torch.optim.Optimizer],
+    kwargs: dict[str, Any],
+    params: dict,
+    steps: int,
+    lr_at: Callable[[int], float] | None = None,
+) -> dict:
+    """``steps`` reference steps; ``lr_at(t)`` sets every group's lr before step t, as an
+    lr_scheduler stepped once per optimiser step does."""
     tensors = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     opt = reference(list(tensors.values()), **kwargs)
     for t in range(steps):
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(t)
         grads = gradient({k: v.detach() for k, v in tensors.items()}, t)
         for k, v in tensors.items():
             v.grad = grads[k].clone()

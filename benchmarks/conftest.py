@@ -1,0 +1,241 @@
+"""Shared options and fixtures for the functrain benchmarks.
+
+Options (each also read from an environment variable, the command line winning):
+
+``--bench-scale {full,smoke}`` (``FUNCTRAIN_BENCH_SCALE``, default ``full``)
+    ``full``: ~50M float32 parameters shaped like a 12-layer transformer, 15 timed rounds after 3
+    warm-up rounds. ``smoke``: a few thousand parameters and a single round, so that CI can run the
+    whole suite with ``--benchmark-disable`` in seconds and the benchmarks cannot rot.
+``--bench-device DEVICE`` (``FUNCTRAIN_BENCH_DEVICE``, default ``cpu``)
+    Where the parameters live (``cpu``, ``cuda``, ``cuda:1``...). On CUDA every timed step ends with
+    a synchronise, so the time is the step's, not its launch's.
+``--bench-rounds N`` / ``--bench-warmup-rounds N``
+    Override the scale's round counts (e.g. a quick full-size check with ``--bench-rounds 3``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    layers: int  # transformer blocks
+    width: int  # model width: every matrix is width x width
+    rounds: int
+    warmup_rounds: int
+
+
+SCALES = {
+    # 12 blocks x 4 matrices of 1024 x 1024 = 48 matrices, plus 96 vectors: 50,429,952 parameters.
+    "full": Scale("full", layers=12, width=1024, rounds=15, warmup_rounds=3),
+    # 2 blocks x 4 matrices of 16 x 16, plus 16 vectors: 2,304 parameters.
+    "smoke": Scale("smoke", layers=2, width=16, rounds=1, warmup_rounds=0),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("functrain-bench", "functrain benchmark sizes")
+    group.addoption(
+        "--bench-scale",
+        choices=sorted(SCALES),
+        default=os.environ.get("FUNCTRAIN_BENCH_SCALE", "full"),
+        help="problem size: full (~50M params, default) or smoke (tiny, for CI). Env: FUNCTRAIN_BENCH_SCALE.",
+    )
+    group.addoption(
+        "--bench-device",
+        default=os.environ.get("FUNCTRAIN_BENCH_DEVICE", "cpu"),
+        help="torch device the parameters live on (default cpu). Env: FUNCTRAIN_BENCH_DEVICE.",
+    )
+    group.addoption("--bench-rounds", type=int, default=None, help="timed rounds (overrides the scale's).")
+    group.addoption("--bench-warmup-rounds", type=int, default=None, help="warm-up rounds (overrides the scale's).")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # argparse's `choices` does not check a default that came from the environment.
+    scale = config.getoption("--bench-scale")
+    if scale not in SCALES:
+        raise pytest.UsageError(f"--bench-scale / FUNCTRAIN_BENCH_SCALE must be one of {sorted(SCALES)}, got {scale!r}")
+    for name in ("--bench-rounds", "--bench-warmup-rounds"):
+        value = config.getoption(name)
+        if value is not None and value < (1 if name == "--bench-rounds" else 0):
+            raise pytest.UsageError(f"{name} must be {'>= 1' if name == '--bench-rounds' else '>= 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    scale: Scale
+    device: torch.device
+    rounds: int
+    warmup_rounds: int
+
+
+def _bench_config(config: pytest.Config) -> BenchConfig:
+    scale = SCALES[config.getoption("--bench-scale")]
+    rounds = config.getoption("--bench-rounds")
+    warmup = config.getoption("--bench-warmup-rounds")
+    return BenchConfig(
+        scale=scale,
+        device=torch.device(config.getoption("--bench-device")),
+        rounds=scale.rounds if rounds is None else rounds,
+        warmup_rounds=scale.warmup_rounds if warmup is None else warmup,
+    )
+
+
+@pytest.fixture(scope="session")
+def bench_config(pytestconfig: pytest.Config) -> BenchConfig:
+    cfg = _bench_config(pytestconfig)
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"--bench-device {cfg.device} but CUDA is not available")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- machine description
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return "cpu"
+    return str(device)
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Records, in the benchmark JSON, what report.py prints: read here, on the measured machine."""
+    cfg = _bench_config(config)
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    machine_info["functrain_bench"] = {
+        "scale": cfg.scale.name,
+        "device": str(cfg.device),
+        "device_name": device_name(cfg.device),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch_num_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------- parameter sets
+
+
+def transformer_shapes(layers: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a pre-norm transformer with square matrices, in model order.
+
+    Per block: two norms (weight and bias), attention in/out and MLP up/down projections, each a
+    ``width x width`` matrix with a bias: 4 matrices and 8 vectors.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        block = f"blocks.{i}"
+        for part in ("attn.in", "attn.out", "mlp.up", "mlp.down"):
+            if part in ("attn.in", "mlp.up"):
+                norm = f"{block}.norm{1 if part == 'attn.in' else 2}"
+                shapes[f"{norm}.weight"] = (width,)
+                shapes[f"{norm}.bias"] = (width,)
+            shapes[f"{block}.{part}.weight"] = (width, width)
+            shapes[f"{block}.{part}.bias"] = (width,)
+    return shapes
+
+
+def _random_tree(shapes: dict[str, tuple[int, ...]], std: float, seed: int, device: torch.device) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same numbers on every device
+    return {name: (torch.randn(shape, generator=gen) * std).to(device) for name, shape in shapes.items()}
+
+
+def clone_tree(tree: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: t.clone() for name, t in tree.items()}
+
+
+@pytest.fixture(scope="session")
+def param_shapes(bench_config: BenchConfig) -> dict[str, tuple[int, ...]]:
+    return transformer_shapes(bench_config.scale.layers, bench_config.scale.width)
+
+
+@pytest.fixture(scope="session")
+def base_params(param_shapes, bench_config) -> dict[str, Tensor]:
+    """The session's initial float32 parameters (read-only: tests take :func:`params`)."""
+    return _random_tree(param_shapes, std=0.02, seed=0, device=bench_config.device)
+
+
+@pytest.fixture(scope="session")
+def base_grads(param_shapes, bench_config) -> dict[str, Tensor]:
+    """The session's gradients, one fixed set reused every step (read-only: tests take :func:`grads`)."""
+    return _random_tree(param_shapes, std=1e-3, seed=1, device=bench_config.device)
+
+
+@pytest.fixture
+def params(base_params) -> dict[str, Tensor]:
+    """A fresh copy of the initial parameters, so every entry starts from the same point."""
+    return clone_tree(base_params)
+
+
+@pytest.fixture
+def grads(base_grads) -> dict[str, Tensor]:
+    """A fresh copy of the gradients (an implementation that wrote into them would not leak)."""
+    return clone_tree(base_grads)
+
+
+# ----------------------------------------------------------------------------- running a step
+
+
+@pytest.fixture
+def run_steps(benchmark, bench_config: BenchConfig, param_shapes) -> Callable[..., None]:
+    """``run_steps(step, **extra_info)`` times ``step()`` with ``benchmark.pedantic``, one call per round.
+
+    ``step`` must carry its own state from call to call (a real training loop's trajectory). Under
+    ``--benchmark-disable`` pytest-benchmark calls it exactly once, untimed.
+    """
+    device = bench_config.device
+
+    def run(step: Callable[[], None], **extra_info) -> None:
+        target = step
+        if device.type == "cuda":
+
+            def target() -> None:
+                step()
+                torch.cuda.synchronize(device)
+
+            torch.cuda.synchronize(device)
+        n_params = sum(_numel(shape) for shape in param_shapes.values())
+        benchmark.extra_info.update(
+            scale=bench_config.scale.name,
+            device=str(device),
+            n_params=n_params,
+            n_tensors=len(param_shapes),
+            dtype="float32",
+            torch_num_threads=torch.get_num_threads(),
+            **extra_info,
+        )
+        benchmark.pedantic(target, rounds=bench_config.rounds, warmup_rounds=bench_config.warmup_rounds, iterations=1)
+
+    return run
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
