@@ -152,7 +152,7 @@ def scale(tree: Tree, factor: float | Tensor) -> Tree:
     """``factor * tree``."""
     if fast_path_ok(leaves(tree)):
         return foreach_map(lambda xs: (torch._foreach_mul(xs, scalar_for(factor, xs[0])),), tree)[0]
-    return map(lambda t: t * factor, tree)
+    return map(lambda t: t * scalar_for(factor, t), tree)
 
 
 def add_scaled(a: Tree, b: Tree, factor: float | Tensor) -> Tree:
@@ -168,7 +168,7 @@ def add_scaled(a: Tree, b: Tree, factor: float | Tensor) -> Tree:
             )
 
         return foreach_map(fused, a, b)[0]
-    return map(lambda x, y: x + factor * y, a, b)
+    return map(lambda x, y: x + scalar_for(factor, y) * y, a, b)
 
 
 def _key_name(key: Any) -> str:

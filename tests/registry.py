@@ -270,7 +270,7 @@ SPECS: list[Spec] = [
         references.Lars,
         grid(momentum=[0.9, 0.0], nesterov=[False, True], weight_decay=[0.0, 1e-2], trust_coefficient=[1e-3, 0.1]),
         base={"lr": 0.5},
-        converge={"lr": 5.0, "trust_coefficient": 0.02},
+        converge={"lr": 1.0, "trust_coefficient": 1e-3},
         bad=[
             ({"lr": -1.0}, "lr"),
             ({"momentum": -1.0}, "momentum"),

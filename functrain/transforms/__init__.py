@@ -24,5 +24,8 @@ from ._rms import (
     scale_by_stddev as scale_by_stddev,
 )
 from ._rprop import scale_by_rprop as scale_by_rprop
-from ._schedule_free import scale_by_schedule_free as scale_by_schedule_free
+from ._schedule_free import (
+    scale_by_bias_corrected_rms as scale_by_bias_corrected_rms,
+    scale_by_schedule_free as scale_by_schedule_free,
+)
 from ._trust_ratio import scale_by_trust_ratio as scale_by_trust_ratio
