@@ -45,7 +45,7 @@ def step(params, opt_state, xb, yb):
 
 batches = [train[i : i + 100] for i in range(0, len(train), 100)]
 start = time.perf_counter()
-for epoch in range(30):
+for _epoch in range(30):
     for idx in batches:
         params, opt_state = step(params, opt_state, x[idx], y[idx])
 elapsed = time.perf_counter() - start
@@ -57,7 +57,7 @@ print(f"functrain adamw: held-out accuracy {accuracy:.3f} on {len(test)} digits 
 # The same training, imperatively, with torch.optim.AdamW.
 model.load_state_dict(initial)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
-for epoch in range(30):
+for _epoch in range(30):
     for idx in batches:
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()

@@ -145,7 +145,8 @@ def test_converges_on_a_quadratic(spec):
 def test_converges_on_rosenbrock(spec):
     p0 = torch.tensor([[-1.5, 2.0]], dtype=torch.float64)
     start = rosenbrock(p0).item()
-    assert minimise(spec.make(**spec.converge), rosenbrock, p0, 3000) < 0.05 * start
+    kwargs = spec.converge if spec.converge_rosenbrock is None else spec.converge_rosenbrock
+    assert minimise(spec.make(**kwargs), rosenbrock, p0, 3000) < 0.05 * start
 
 
 def _run_steps(tx, params, steps, state=None):
