@@ -183,3 +183,20 @@ def named_leaves(tree: Tree) -> list[tuple[str, Tensor]]:
     (``{"fc": {"weight": w}}`` gives ``"fc.weight"``; a flat ``named_parameters`` dict keeps its keys)."""
     paths, _ = pytree.tree_flatten_with_path(tree)
     return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in paths]
+
+
+def scaled_sum(a: Tree, alpha: float | Tensor, b: Tree, beta: float | Tensor) -> Tree:
+    """``alpha * a + beta * b`` leaf by leaf, in one new tensor per leaf."""
+    if fast_path_ok(leaves(a)):
+
+        def fused(xs, ys):
+            out = torch._foreach_mul(xs, scalar_for(alpha, xs[0]))  # the one allocation; the rest in place
+            weight = scalar_for(beta, ys[0])
+            if isinstance(weight, Tensor):
+                torch._foreach_add_(out, torch._foreach_mul(ys, weight))
+            else:
+                torch._foreach_add_(out, ys, alpha=weight)
+            return (out,)
+
+        return foreach_map(fused, a, b)[0]
+    return map(lambda x, y: x * scalar_for(alpha, x) + y * scalar_for(beta, y), a, b)

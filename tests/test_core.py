@@ -69,8 +69,22 @@ def test_adamw_is_a_chain_of_named_transforms():
         relative_error(
             run_functrain(by_hand, params, 20), run_functrain(ft.adamw(lr=0.01, weight_decay=0.1), params, 20)
         )
-        == 0.0
+        <= 1e-15
     )
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01, dtype=torch.float64)])
+def test_descend_with_decoupled_decay_equals_decay_then_learning_rate(fast, lr, monkeypatch):
+    original = _tree.fast_path_ok
+    monkeypatch.setattr(_tree, "fast_path_ok", lambda leaves: fast and original(leaves))
+    params, updates = make_params(torch.float32), gradient(make_params(torch.float32), 0)
+    fused = ft.transforms.descend_with_decoupled_decay(lr, 0.1)
+    two_steps = ft.chain(ft.transforms.add_decayed_weights(0.1), ft.transforms.scale_by_learning_rate(lr))
+    out, _ = fused.update(updates, fused.init(params), params)
+    expected, _ = two_steps.update(updates, two_steps.init(params), params)
+    assert relative_error(out, expected) <= 1e-7
+    assert all(out[k].dtype == torch.float32 for k in out)
 
 
 def test_trace_first_step_ignores_dampening_like_torch():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from .. import _validate
+import torch
+from torch import Tensor
+
+from .. import _tree, _validate
 from ..base import GradientTransformation, Hyperparameter
 from ..transforms import scale_by_adam, scale_by_amsgrad
 from ..wrappers import schedulable
-from ._common import descent
+from ._common import descent, nonzero
 
 
 def check_adam_args(owner: str, lr, betas, eps, weight_decay) -> tuple:
@@ -67,11 +70,7 @@ def adam(
         Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization".
         Reddi et al., 2018, "On the Convergence of Adam and Beyond" (AMSGrad).
     """
-    beta1, beta2 = check_adam_args("adam", lr, betas, eps, weight_decay)
-    direction = (scale_by_amsgrad if amsgrad else scale_by_adam)(beta1, beta2, eps)
-    return descent(
-        direction, lr=lr, maximize=maximize, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay
-    )
+    return _adam("adam", lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
 @schedulable
@@ -113,6 +112,67 @@ def adamw(
     References:
         Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization".
     """
-    beta1, beta2 = check_adam_args("adamw", lr, betas, eps, weight_decay)
+    return _adam("adamw", lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay=True)
+
+
+def _adam(owner, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay) -> GradientTransformation:
+    beta1, beta2 = check_adam_args(owner, lr, betas, eps, weight_decay)
     direction = (scale_by_amsgrad if amsgrad else scale_by_adam)(beta1, beta2, eps)
-    return descent(direction, lr=lr, maximize=maximize, weight_decay=weight_decay, decoupled_weight_decay=True)
+    tx = descent(
+        direction, lr=lr, maximize=maximize, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay
+    )
+    if maximize or (nonzero(weight_decay) and not decoupled_weight_decay):
+        return tx  # the chain starts with a negation or an L2 term: not the fused kernel's shape
+    return _fused_when_eager(tx, beta1, beta2, eps, lr, weight_decay, amsgrad)
+
+
+def _fused_when_eager(tx: GradientTransformation, b1, b2, eps, lr, weight_decay, amsgrad) -> GradientTransformation:
+    """``tx`` (the chain ``scale_by_adam -> decoupled decay -> -lr``), whose eager update runs the
+    whole chain as one call of torch's fused Adam kernel per (device, dtype) group.
+
+    The chain's own multi-tensor path writes the Adam direction, then the decayed and scaled
+    update, into two new buffers; here the kernel's "parameter" starts at ``-lr * wd * params`` and
+    the kernel subtracts ``lr * direction`` from it in the same pass, so a step allocates only what
+    a pure step must: the new moments, the update and (in ``apply_updates``) the new parameters.
+    The state is exactly the chain's. Anything else (tensor hyperparameters, compile, vmap, grad)
+    runs the chain.
+    """
+    if any(isinstance(h, Tensor) for h in (b1, b2, eps, lr, weight_decay)):
+        return tx
+
+    def update(updates, state, params=None, **extra):
+        leaves = _tree.leaves(updates)
+        if (
+            params is None
+            or not _tree.fast_path_ok(leaves)
+            or any(t.device.type not in ("cpu", "cuda") for t in leaves)
+        ):
+            return tx.update(updates, state, params, **extra)
+        adam_state, *rest = state
+        count = adam_state.count + 1
+
+        def fused(gs, ps, *moments):
+            mu, nu, *nu_max = new_moments = [[m.clone() for m in ms] for ms in moments]
+            out = torch._foreach_mul(ps, -lr * weight_decay)
+            steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
+            torch._fused_adam_(
+                out,
+                gs,
+                mu,
+                nu,
+                nu_max[0] if amsgrad else [],
+                steps,
+                lr=lr,
+                beta1=b1,
+                beta2=b2,
+                weight_decay=0.0,
+                eps=eps,
+                amsgrad=amsgrad,
+                maximize=False,
+            )
+            return (*new_moments, out)
+
+        *new_moments, out = _tree.foreach_map(fused, updates, params, *adam_state[1:])
+        return out, (type(adam_state)(count, *new_moments), *rest)
+
+    return GradientTransformation(tx.init, update)

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..base import GradientTransformation
 from ..combine import chain
-from ..transforms import add_decayed_weights, scale, scale_by_learning_rate
+from ..transforms import add_decayed_weights, descend_with_decoupled_decay, scale, scale_by_learning_rate
 
 
 def nonzero(value: Any) -> bool:
@@ -29,11 +29,15 @@ def descent(
     direction before the learning rate scales both. ``None`` entries in ``core`` are skipped.
     """
     decay = add_decayed_weights(weight_decay) if nonzero(weight_decay) else None
+    if decoupled_weight_decay and decay is not None and not callable(lr):
+        # The same two steps fused into one pass (see descend_with_decoupled_decay).
+        tail = [descend_with_decoupled_decay(lr, weight_decay)]
+    else:
+        tail = [decay if decoupled_weight_decay else None, scale_by_learning_rate(lr)]
     parts = [
         scale(-1.0) if maximize else None,
         None if decoupled_weight_decay else decay,
         *core,
-        decay if decoupled_weight_decay else None,
-        scale_by_learning_rate(lr),
+        *tail,
     ]
     return chain(*(p for p in parts if p is not None))

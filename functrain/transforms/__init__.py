@@ -9,6 +9,7 @@ from ._adam_variants import (
 from ._averaging import polyak_averaging as polyak_averaging
 from ._basic import (
     add_decayed_weights as add_decayed_weights,
+    descend_with_decoupled_decay as descend_with_decoupled_decay,
     scale as scale,
     scale_by_learning_rate as scale_by_learning_rate,
     scale_by_schedule as scale_by_schedule,
