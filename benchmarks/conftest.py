@@ -16,12 +16,12 @@ Options (each also read from an environment variable, the command line winning):
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+from report import cpu_model  # the one reader of /proc/cpuinfo, shared with the table
 from torch import Tensor
 
 
@@ -99,18 +99,6 @@ def bench_config(pytestconfig: pytest.Config) -> BenchConfig:
 
 
 # ----------------------------------------------------------------------------- machine description
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def device_name(device: torch.device) -> str:

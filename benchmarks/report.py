@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 from collections.abc import Iterable
 
@@ -25,7 +26,8 @@ DEFAULT_BASELINES = {
 FALLBACK_BASELINE = "torch-foreach"
 
 
-def _cpu_model_here() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -33,7 +35,7 @@ def _cpu_model_here() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _entry_label(bench: dict) -> str:
@@ -51,7 +53,7 @@ def machine_lines(data: dict) -> list[str]:
     extra = next((b.get("extra_info", {}) for b in data.get("benchmarks", [])), {})
     cpu = fb.get("cpu_model") or info.get("cpu", {}).get("brand_raw")
     if not cpu:
-        cpu = f"{_cpu_model_here()} (read at report time; not recorded in the JSON)"
+        cpu = f"{cpu_model()} (read at report time; not recorded in the JSON)"
     cores = fb.get("cpu_count") or info.get("cpu", {}).get("count") or os.cpu_count()
     core_text = f"{cores}"
     if fb.get("cpu_affinity") is not None and fb["cpu_affinity"] != cores:
