@@ -8,6 +8,7 @@ from torch import Tensor
 from .. import _tree, _validate
 from ..base import GradientTransformation, Hyperparameter
 from ..transforms import scale_by_adam, scale_by_amsgrad
+from ..transforms._adam import fused_adam_step
 from ..wrappers import schedulable
 from ._common import descent, nonzero
 
@@ -152,25 +153,8 @@ def _fused_when_eager(tx: GradientTransformation, b1, b2, eps, lr, weight_decay,
         count = adam_state.count + 1
 
         def fused(gs, ps, *moments):
-            mu, nu, *nu_max = new_moments = [[m.clone() for m in ms] for ms in moments]
             out = torch._foreach_mul(ps, -lr * weight_decay)
-            steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
-            torch._fused_adam_(
-                out,
-                gs,
-                mu,
-                nu,
-                nu_max[0] if amsgrad else [],
-                steps,
-                lr=lr,
-                beta1=b1,
-                beta2=b2,
-                weight_decay=0.0,
-                eps=eps,
-                amsgrad=amsgrad,
-                maximize=False,
-            )
-            return (*new_moments, out)
+            return (*fused_adam_step(out, gs, moments, count, lr, b1, b2, eps), out)
 
         *new_moments, out = _tree.foreach_map(fused, updates, params, *adam_state[1:])
         return out, (type(adam_state)(count, *new_moments), *rest)

@@ -127,28 +127,39 @@ def _adam_multi_tensor(gs, ms, vs, vmaxs, b1, b2, eps, count, bc1, bc2_sqrt):
         and gs[0].is_floating_point()
         and not any(isinstance(h, Tensor) for h in (b1, b2, eps))
     ):
-        mu = [m.clone() for m in ms]
-        nu = [v.clone() for v in vs]
-        nu_max = [v.clone() for v in vmaxs] if vmaxs is not None else []
         direction = [torch.zeros_like(g) for g in gs]
-        steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
-        torch._fused_adam_(
-            direction,
-            gs,
-            mu,
-            nu,
-            nu_max,
-            steps,
-            lr=-1.0,
-            beta1=b1,
-            beta2=b2,
-            weight_decay=0.0,
-            eps=eps,
-            amsgrad=vmaxs is not None,
-            maximize=False,
+        moments = fused_adam_step(
+            direction, gs, [ms, vs] if vmaxs is None else [ms, vs, vmaxs], count, -1.0, b1, b2, eps
         )
-        return (mu, nu, nu_max, direction) if vmaxs is not None else (mu, nu, direction)
+        return (*moments, direction)
     return _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt)
+
+
+def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps):
+    """Runs torch's fused Adam kernel on new copies of ``moments`` (mu, nu[, nu_max]): it subtracts
+    ``lr`` times the Adam direction from the list ``start`` in place. Returns the new moments.
+
+    Float hyperparameters only; ``count`` is the 1-based step.
+    """
+    new_moments = [[m.clone() for m in ms] for ms in moments]
+    mu, nu, *nu_max = new_moments
+    steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
+    torch._fused_adam_(
+        start,
+        gs,
+        mu,
+        nu,
+        nu_max[0] if nu_max else [],
+        steps,
+        lr=lr,
+        beta1=b1,
+        beta2=b2,
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=bool(nu_max),
+        maximize=False,
+    )
+    return new_moments
 
 
 def _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt):
