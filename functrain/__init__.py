@@ -34,15 +34,25 @@ from .optimisers import (
     schedule_free_eval_params as schedule_free_eval_params,
     sgd as sgd,
 )
+from .loss_scale import LossScaleState as LossScaleState, dynamic_loss_scale as dynamic_loss_scale
+from .step import (
+    TrainState as TrainState,
+    make_eval_step as make_eval_step,
+    make_train_step as make_train_step,
+    stack_states as stack_states,
+    unstack_states as unstack_states,
+)
 from .wrappers import inject_hyperparams as inject_hyperparams
 
 __all__ = [
     "EmptyState",
     "GradientTransformation",
     "Hyperparameter",
+    "LossScaleState",
     "OptState",
     "Params",
     "Schedule",
+    "TrainState",
     "Updates",
     "adadelta",
     "adafactor",
@@ -53,11 +63,14 @@ __all__ = [
     "apply_updates",
     "asgd",
     "chain",
+    "dynamic_loss_scale",
     "identity",
     "inject_hyperparams",
     "lamb",
     "lars",
     "lion",
+    "make_eval_step",
+    "make_train_step",
     "muon",
     "nadam",
     "optimisers",
@@ -70,5 +83,7 @@ __all__ = [
     "schedule_free_eval_params",
     "set_to_zero",
     "sgd",
+    "stack_states",
     "transforms",
+    "unstack_states",
 ]

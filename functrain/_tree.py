@@ -200,3 +200,20 @@ def scaled_sum(a: Tree, alpha: float | Tensor, b: Tree, beta: float | Tensor) ->
 
         return foreach_map(fused, a, b)[0]
     return map(lambda x, y: x * scalar_for(alpha, x) + y * scalar_for(beta, y), a, b)
+
+
+# ----------------------------------------------------------------------------- selecting whole trees
+
+
+def all_finite(tree: Tree) -> Tensor:
+    """A 0-d bool tensor: whether every element of every leaf is finite (no host read)."""
+    flat = leaves(tree)
+    if not flat:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(t).all().to(flat[0].device) for t in flat]).all()
+
+
+def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
+    """``a`` where the 0-d bool ``condition`` holds, else ``b``, leaf by leaf: a branch without a
+    Python ``if`` on a tensor, so it traces into one graph and never syncs with the device."""
+    return map(lambda x, y: torch.where(condition.to(x.device), x, y), a, b)

@@ -1,0 +1,95 @@
+"""Dynamic loss scaling for float16 training, equal to ``torch.amp.GradScaler``.
+
+float16 gradients underflow to zero below ~6e-8. Multiplying the loss by a large scale ``S`` before
+differentiating keeps them representable; the optimiser then sees ``grads / S``. When a step
+overflows (a gradient is inf or NaN) the step is skipped and ``S`` halves; after
+``growth_interval`` clean steps in a row ``S`` doubles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _tree, _validate
+from .base import GradientTransformation, OptState, register_state
+
+
+@register_state
+class LossScaleState(NamedTuple):
+    scale: Tensor  # 0-d float32: the factor the step multiplies the loss by
+    growth_tracker: Tensor  # 0-d int32: clean steps since the scale last changed
+    inner_state: OptState
+
+
+def dynamic_loss_scale(
+    tx: GradientTransformation,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+) -> GradientTransformation:
+    """Wraps ``tx`` to receive gradients of ``scale * loss``, as ``torch.amp.GradScaler`` drives an optimiser.
+
+    ``update`` unscales the gradients (multiplies by the float32 reciprocal of the scale, as
+    GradScaler does), and if any is non-finite returns zero updates and leaves ``tx``'s state
+    unchanged (a skipped step); then it updates the scale exactly as ``GradScaler.update``.
+    :func:`functrain.make_train_step` multiplies the loss by ``state.opt_state.scale`` when the
+    optimiser is wrapped in this transform, and reports it as ``metrics["loss_scale"]``.
+
+    Args:
+        tx: the optimiser to drive.
+        init_scale: the initial scale.
+        growth_factor: multiplies the scale after ``growth_interval`` clean steps (> 1).
+        backoff_factor: multiplies the scale after a non-finite step (in (0, 1)).
+        growth_interval: clean steps between growths (int >= 1).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.dynamic_loss_scale(ft.sgd(lr=1.0), init_scale=8.0)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([float("inf")])}, state, params)
+        >>> updates["w"], state.scale
+        (tensor([0.]), tensor(4.))
+    """
+    owner = "dynamic_loss_scale"
+    if not isinstance(tx, GradientTransformation):
+        raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
+    _validate.in_range(owner, "init_scale", init_scale, 0.0, low_open=True)
+    _validate.in_range(owner, "growth_factor", growth_factor, 1.0, low_open=True)
+    _validate.in_range(owner, "backoff_factor", backoff_factor, 0.0, 1.0, low_open=True, high_open=True)
+    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+        raise ValueError(f"{owner}: growth_interval must be an int >= 1, got {growth_interval!r}")
+
+    def init(params):
+        leaves = _tree.leaves(params)
+        device = leaves[0].device if leaves else torch.device("cpu")
+        return LossScaleState(
+            torch.full((), init_scale, dtype=torch.float32, device=device),
+            torch.zeros((), dtype=torch.int32, device=device),
+            tx.init(params),
+        )
+
+    def update(updates, state, params=None, **extra):
+        inv_scale = state.scale.double().reciprocal().float()  # GradScaler.unscale_'s rounding
+        grads = _tree.map(lambda g: g * inv_scale.to(g.dtype), updates)
+        finite = _tree.all_finite(grads)
+        inner_updates, inner_state = tx.update(grads, state.inner_state, params, **extra)
+        updates = _tree.where(finite, inner_updates, _tree.zeros_like(inner_updates))
+        inner_state = _tree.where(finite, inner_state, state.inner_state)
+        scale, tracker = _next_scale(state.scale, state.growth_tracker, finite)
+        return updates, LossScaleState(scale, tracker, inner_state)
+
+    def _next_scale(scale, tracker, finite):
+        """``torch._amp_update_scale_``: back off on overflow, grow after ``growth_interval`` clean steps."""
+        clean = tracker + 1
+        grow = finite & (clean == growth_interval)
+        grown = scale * growth_factor
+        new_scale = torch.where(finite, torch.where(grow & torch.isfinite(grown), grown, scale), scale * backoff_factor)
+        new_tracker = torch.where(finite & ~grow, clean, torch.zeros_like(tracker))
+        return new_scale, new_tracker
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,392 @@
+"""The training step: ``step(state, batch) -> (state, metrics)``, a pure function of tensors.
+
+``make_train_step`` builds it from a model, a loss function and a gradient transformation:
+
+.. code-block:: text
+
+    loss, aux = loss_fn(model with state.params and state.buffers, batch)   # torch.func.functional_call
+    grads     = d loss / d params                                           # torch.func.grad_and_value
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params    = params + updates
+
+Each step function owns a *stateless copy* of the model: the module tree with every parameter and
+buffer on the ``meta`` device (no memory), in train mode for the train step and eval mode for the
+eval step. ``functional_call`` swaps the state's tensors in for each call, so the user's model is
+never touched, train and eval never flip a shared ``training`` flag (no recompiles when they are
+interleaved), and the step composes from the outside with ``torch.func.vmap``, ``torch.func.grad``
+and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _tree, _validate
+from .base import GradientTransformation, OptState, Params, register_state
+from .loss_scale import LossScaleState
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+Metrics = dict[str, Tensor]
+
+_PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@register_state
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes.
+
+    Attributes:
+        params: ``{name: tensor}`` as ``model.named_parameters()`` names them.
+        buffers: ``{name: tensor}`` as ``model.named_buffers()`` (BatchNorm running statistics).
+        opt_state: the state of the gradient transformation.
+        step: 0-d int64 tensor on the params' device: the number of steps taken.
+    """
+
+    params: Params
+    buffers: dict[str, Tensor]
+    opt_state: OptState
+    step: Tensor
+
+    @classmethod
+    def create(cls, model: nn.Module, tx: GradientTransformation) -> TrainState:
+        """The initial state of ``model`` trained by ``tx``.
+
+        The params and buffers are the model's own tensors, detached (no copy): a pure step never
+        writes to them, and an ``inplace`` step updates them where they lie, so the model then
+        holds the trained weights.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.sgd(lr=0.1))
+            >>> sorted(state.params), int(state.step)
+            (['bias', 'weight'], 0)
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TrainState.create: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(f"TrainState.create: tx must be a GradientTransformation, got {type(tx).__name__}")
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        buffers = {name: b.detach() for name, b in model.named_buffers()}
+        first = next(iter(params.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        return cls(params, buffers, tx.init(params), torch.zeros((), dtype=torch.int64, device=device))
+
+
+def stack_states(states: Sequence[Any]) -> Any:
+    """Stacks K states (or any trees of one structure) leaf by leaf along a new leading dimension,
+    for training K models at once with ``torch.func.vmap(step, in_dims=(0, None))``."""
+    if not states:
+        raise ValueError("stack_states: states must hold at least one state")
+    return _tree.map(lambda *leaves: torch.stack(leaves), *states)
+
+
+def unstack_states(stacked: Any) -> list[Any]:
+    """The inverse of :func:`stack_states`: K trees, each holding one slice of every leaf."""
+    leaves = _tree.leaves(stacked)
+    if not leaves:
+        raise ValueError("unstack_states: the tree has no tensors to unstack")
+    return [_tree.map(lambda leaf: leaf[i], stacked) for i in range(leaves[0].shape[0])]
+
+
+# ----------------------------------------------------------------------------- the model, without weights
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can run it: inside the call,
+    ``model`` (a real ``nn.Module``) holds the state's tensors, and ``loss_fn`` may call any of its
+    submodules or methods, not just ``forward``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _stateless_copy(model: nn.Module, training: bool) -> nn.Module:
+    """``model``'s module tree with every parameter and buffer replaced by a ``meta`` tensor of the
+    same shape: the structure functional_call needs, without a second copy of the weights. Tied
+    parameters stay tied (the deepcopy memo maps each tensor once)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo).train(training)
+
+
+def _prefixed(params: Params, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {**{f"model.{k}": v for k, v in params.items()}, **{f"model.{k}": v for k, v in buffers.items()}}
+
+
+def _check_state(owner: str, expected: dict[str, tuple[int, ...]], state: Any) -> None:
+    """Names the first parameter or buffer where ``state`` differs from the model."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"{owner}: state must be a functrain.TrainState, got {type(state).__name__}")
+    actual = {**state.params, **state.buffers}
+    if actual.keys() != expected.keys():
+        missing = [k for k in expected if k not in actual]
+        extra = [k for k in actual if k not in expected]
+        raise ValueError(
+            f"{owner}: the state was built for another model: "
+            + (
+                f"the model's '{missing[0]}' is missing from the state"
+                if missing
+                else f"'{extra[0]}' is not in the model"
+            )
+        )
+    for name, shape in expected.items():
+        if tuple(actual[name].shape) != shape:
+            raise ValueError(
+                f"{owner}: the state was built for another model: '{name}' has shape "
+                f"{tuple(actual[name].shape)} in the state but {shape} in the model"
+            )
+
+
+def _split_output(owner: str, out: Any) -> tuple[Tensor, Metrics]:
+    """``loss`` or ``(loss, metrics)`` from ``loss_fn``, checked: a 0-d floating-point loss."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    if not isinstance(loss, Tensor) or loss.ndim != 0 or not loss.is_floating_point():
+        what = (
+            f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}"
+            if isinstance(loss, Tensor)
+            else f"{type(loss).__name__}"
+        )
+        raise TypeError(
+            f"{owner}: loss_fn must return a 0-d floating-point loss tensor, or (loss, metrics_dict); "
+            f"it returned {what}"
+        )
+    if "loss" in metrics:
+        raise ValueError(f"{owner}: loss_fn's metrics must not contain 'loss': the step reports the loss itself")
+    return loss, metrics
+
+
+class _Forward:
+    """Runs ``loss_fn`` on a stateless model copy with the state's tensors, under autocast if asked."""
+
+    def __init__(self, owner: str, model: nn.Module, loss_fn: LossFn, training: bool, precision: str | None):
+        self.owner = owner
+        self.module = _LossModule(_stateless_copy(model, training), loss_fn)
+        self.expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+        self.autocast_dtype = _PRECISIONS[precision]
+
+    def __call__(self, params: Params, buffers: dict[str, Tensor], batch: Batch) -> tuple[Tensor, Metrics]:
+        """Runs the model; BatchNorm-like modules write their new statistics into ``buffers``."""
+        if torch.compiler.is_compiling():
+            out = self._run(params, buffers, batch)  # dynamo traces no try block; eager runs report errors
+        else:
+            try:
+                out = self._run(params, buffers, batch)
+            except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                raise type(error)(f"{self.owner}: the model or loss_fn rejected the batch: {error}") from error
+        loss, metrics = _split_output(self.owner, out)
+        return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss, metrics
+
+    def _run(self, params: Params, buffers: dict[str, Tensor], batch: Batch) -> Any:
+        if self.autocast_dtype is None:
+            return torch.func.functional_call(self.module, _prefixed(params, buffers), (batch,))
+        device = next(iter(params.values())).device.type if params else "cpu"
+        with torch.autocast(device, dtype=self.autocast_dtype):
+            return torch.func.functional_call(self.module, _prefixed(params, buffers), (batch,))
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def _microbatches(owner: str, batch: Batch, k: int) -> list[Batch]:
+    """``batch`` split into ``k`` equal parts along the first dimension of every tensor in it."""
+    if k == 1:
+        return [batch]
+    flat, spec = _tree.flatten(batch)
+    for leaf in flat:
+        if isinstance(leaf, Tensor) and (leaf.ndim == 0 or leaf.shape[0] % k):
+            raise ValueError(
+                f"{owner}: microbatches={k} must divide the batch size, got a batch tensor of shape {tuple(leaf.shape)}"
+            )
+    chunks = [leaf.chunk(k) if isinstance(leaf, Tensor) else [leaf] * k for leaf in flat]
+    return [_tree.unflatten([c[i] for c in chunks], spec) for i in range(k)]
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+
+
+def make_train_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    tx: GradientTransformation,
+    *,
+    compile: bool | dict[str, Any] = False,
+    inplace: bool = False,
+    microbatches: int = 1,
+    precision: str | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Builds ``step(state, batch) -> (state, metrics)``: one optimiser step of ``tx`` on ``loss_fn``.
+
+    Args:
+        model: the ``nn.Module``; only its structure is used (the weights come from the state).
+        loss_fn: ``loss_fn(model, batch)`` returning a 0-d loss or ``(loss, metrics_dict)``;
+            ``model`` runs with the state's params and buffers, in train mode.
+        tx: the gradient transformation (an optimiser, or any composition).
+        compile: ``True``, or a dict of ``torch.compile`` options (e.g. ``{"mode": "max-autotune"}``),
+            compiles the whole step with ``fullgraph=True``: one graph. Hyperparameters and
+            schedules are tensors in the state, so moving them never recompiles.
+        inplace: write the new params, buffers, optimiser state and step count into the input
+            state's tensors instead of new ones (the returned state holds the same tensors). With
+            ``compile``, inductor writes each result straight into its tensor, so a step needs no
+            second copy of params and optimiser state: torch.optim's peak memory. The input state
+            is consumed; do not reuse it.
+        microbatches: split each batch into this many equal parts along dim 0 and average their
+            gradients (gradient accumulation inside one step). For a mean-reduced loss this is the
+            full-batch gradient, in ``1/microbatches`` of the activation memory. BatchNorm sees
+            each part's statistics, as it would in separate steps.
+        precision: ``"bf16"`` or ``"fp16"`` runs the forward pass under ``torch.autocast``;
+            params, gradients and optimiser state stay in their own dtype (fp32 master weights).
+            ``"fp16"`` needs ``tx`` wrapped in :func:`functrain.dynamic_loss_scale`.
+
+    Returns:
+        ``step(state, batch) -> (state, metrics)``, where ``metrics`` holds 0-d tensors on the
+        device: ``"loss"`` and whatever ``loss_fn`` returned (averaged over microbatches), plus
+        ``"loss_scale"`` under fp16. Nothing is read back to the host.
+
+    The step is pure (unless ``inplace``): the input state is left exactly as it was. It is
+    differentiable (``torch.func.grad`` through unrolled steps) and vmappable: train K models at
+    once with ``torch.func.vmap(step, in_dims=(0, None), randomness="different")`` over states
+    stacked by :func:`stack_states`.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> model = torch.nn.Linear(4, 1)
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return F.mse_loss(model(x), y)
+        >>> step = ft.make_train_step(model, loss_fn, ft.sgd(lr=0.1))
+        >>> state = ft.TrainState.create(model, ft.sgd(lr=0.1))
+        >>> state, metrics = step(state, (torch.randn(8, 4), torch.randn(8, 1)))
+        >>> int(state.step), sorted(metrics)
+        (1, ['loss'])
+    """
+    owner = "make_train_step"
+    _check_step_args(owner, model, loss_fn, compile, precision)
+    if not isinstance(tx, GradientTransformation):
+        raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"{owner}: microbatches must be an int >= 1, got {microbatches!r}")
+    forward = _Forward("train step", model, loss_fn, training=True, precision=precision)
+
+    def loss_for_grad(params, buffers, batch, loss_scale):
+        loss, metrics = forward(params, buffers, batch)
+        scaled = loss if loss_scale is None else loss * loss_scale
+        return scaled, (loss.detach(), metrics)
+
+    grad_and_loss = torch.func.grad_and_value(loss_for_grad, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        _check_state("train step", forward.expected, state)
+        loss_scale = _loss_scale_of(state.opt_state, precision)
+        # functional_call lets BatchNorm write its running statistics into the buffers it is
+        # given; a pure step hands it copies, an in-place step the state's own tensors.
+        buffers = state.buffers if inplace else {k: b.clone() for k, b in state.buffers.items()}
+        grads, losses, metrics = None, [], []
+        for part in _microbatches("train step", batch, microbatches):
+            part_grads, (_, (loss, part_metrics)) = grad_and_loss(state.params, buffers, part, loss_scale)
+            grads = part_grads if grads is None else _tree.add(grads, part_grads)
+            losses.append(loss)
+            metrics.append(part_metrics)
+        if microbatches > 1:
+            grads = _tree.scale(grads, 1.0 / microbatches)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = _tree.add(state.params, updates)
+        new = TrainState(params, buffers, opt_state, state.step + 1)
+        if inplace:
+            new = _write_into(state, new)
+        out = {"loss": _mean(losses), **{k: _mean([m[k] for m in metrics]).detach() for k in metrics[0]}}
+        if loss_scale is not None:
+            out["loss_scale"] = loss_scale
+        return new, out
+
+    return _compiled(step, compile)
+
+
+def make_eval_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    compile: bool | dict[str, Any] = False,
+    precision: str | None = None,
+) -> Callable[[TrainState, Batch], Metrics]:
+    """Builds ``evaluate(state, batch) -> metrics``: ``loss_fn`` in eval mode, without gradients.
+
+    The state is not changed (BatchNorm uses its running statistics and updates nothing). Train
+    and eval steps own separate model copies, so interleaving them never recompiles either.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> model = torch.nn.Linear(4, 1)
+        >>> evaluate = ft.make_eval_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        >>> state = ft.TrainState.create(model, ft.sgd(lr=0.1))
+        >>> sorted(evaluate(state, (torch.randn(8, 4), torch.randn(8, 1))))
+        ['loss']
+    """
+    owner = "make_eval_step"
+    _check_step_args(owner, model, loss_fn, compile, precision)
+    forward = _Forward("eval step", model, loss_fn, training=False, precision=precision)
+
+    def evaluate(state: TrainState, batch: Batch) -> Metrics:
+        _check_state("eval step", forward.expected, state)
+        with torch.no_grad():
+            loss, metrics = forward(state.params, state.buffers, batch)
+        return {"loss": loss, **metrics}
+
+    return _compiled(evaluate, compile)
+
+
+def _check_step_args(owner: str, model: Any, loss_fn: Any, compile: Any, precision: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{owner}: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if not isinstance(compile, (bool, dict)):
+        raise TypeError(f"{owner}: compile must be a bool or a dict of torch.compile options, got {compile!r}")
+    _validate.one_of(owner, "precision", precision, tuple(_PRECISIONS))
+
+
+def _loss_scale_of(opt_state: OptState, precision: str | None) -> Tensor | None:
+    """The current loss scale when the optimiser is wrapped in ``dynamic_loss_scale``."""
+    if isinstance(opt_state, LossScaleState):
+        return opt_state.scale
+    if precision == "fp16":
+        raise ValueError(
+            "train step: precision='fp16' needs loss scaling against gradient underflow: build the "
+            "state and the step with tx = ft.dynamic_loss_scale(your_optimiser)"
+        )
+    return None
+
+
+def _write_into(old: TrainState, new: TrainState) -> TrainState:
+    """Copies every tensor of ``new`` into its counterpart in ``old``; returns ``old``.
+
+    Under torch.compile the copy is an input mutation that inductor fuses into the kernel that
+    computes the value, so the result is written once, into the existing tensor.
+    """
+    _tree.map(lambda dst, src: dst if dst is src else dst.copy_(src), old, new)
+    return old
+
+
+def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
+    if compile is False:
+        return fn
+    options = {} if compile is True else dict(compile)
+    options.setdefault("fullgraph", True)
+    return torch.compile(fn, **options)

@@ -1,0 +1,457 @@
+"""make_train_step / make_eval_step: parity with imperative PyTorch, purity, in-place, precision,
+microbatches, vmapped ensembles and differentiable steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+from functrain import _tree
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def mlp(dtype=torch.float64, batchnorm=True, dropout=0.0, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    # No bias before BatchNorm (it cancels out): its gradient would be rounding noise, which Adam's
+    # normalisation amplifies into steps that differ between any two programs.
+    layers = [nn.Linear(6, 16, bias=not batchnorm)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def classification(model, batch):
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def batches(n, size=12, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, 6, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)
+    ]
+
+
+def snapshot(tree):
+    return _tree.map(lambda t: t.clone(), tree)
+
+
+def assert_trees_equal(a, b, rtol=0.0):
+    """Leaf by leaf, ``||a - b|| <= rtol * ||b||``: exact when ``rtol`` is 0."""
+    _tree.check_same_structure(a, b)
+    for (name, x), (_, y) in zip(_tree.named_leaves(a), _tree.named_leaves(b)):
+        error = (x.double() - y.double()).norm().item()
+        assert error <= rtol * y.double().norm().item(), f"{name}: ||a - b|| = {error:.3g}, ||b|| = {y.norm():.3g}"
+
+
+def run_torch(model, make_opt, data, loss=classification):
+    """The imperative reference: ``loss.backward(); opt.step()``."""
+    opt = make_opt(model.parameters())
+    model.train()
+    for batch in data:
+        opt.zero_grad()
+        loss(model, batch)[0].backward()
+        opt.step()
+    return dict(model.named_parameters()), dict(model.named_buffers())
+
+
+def run_steps(step, state, data):
+    for batch in data:
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+# ----------------------------------------------------------------------------- parity and purity
+
+
+@pytest.mark.parametrize(
+    "make_tx,make_opt",
+    [
+        (lambda: ft.adamw(lr=1e-2, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)),
+        (lambda: ft.sgd(lr=0.1, momentum=0.9, nesterov=True), lambda p: torch.optim.SGD(p, 0.1, 0.9, nesterov=True)),
+    ],
+    ids=["adamw", "sgd-nesterov"],
+)
+def test_step_equals_backward_and_torch_optim_with_batchnorm(make_tx, make_opt):
+    """Params and BatchNorm running statistics (num_batches_tracked too) equal the imperative loop."""
+    data = batches(8)
+    model = mlp()
+    tx = make_tx()
+    state = ft.TrainState.create(model, tx)
+    state, _ = run_steps(ft.make_train_step(model, classification, tx), state, data)
+    params, buffers = run_torch(mlp(), make_opt, data)
+    assert_trees_equal(state.params, {k: v.detach() for k, v in params.items()}, rtol=1e-10)
+    assert_trees_equal(state.buffers, buffers, rtol=1e-10)
+
+
+def test_step_is_pure_input_state_and_model_untouched():
+    """functional_call lets BatchNorm write into the buffers it is handed: the step must hand it copies."""
+    model = mlp()
+    model_before = snapshot(dict(model.state_dict()))
+    tx = ft.adam(lr=0.1)
+    state = ft.TrainState.create(model, tx)
+    before = snapshot(state)
+    step = ft.make_train_step(model, classification, tx)
+    new, _ = step(state, batches(1)[0])
+    assert_trees_equal(state, before)
+    assert_trees_equal(dict(model.state_dict()), model_before)
+    assert not torch.equal(new.buffers["1.running_mean"], before.buffers["1.running_mean"])
+    assert int(new.step) == 1 and int(state.step) == 0
+
+
+def test_inplace_step_equals_pure_step_and_reuses_the_state_tensors():
+    model = mlp()
+    tx = ft.adamw(lr=1e-2)
+    data = batches(5)
+    pure, _ = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    state = snapshot(ft.TrainState.create(model, tx))
+    pointers = [t.data_ptr() for t in _tree.leaves(state)]
+    inplace, _ = run_steps(ft.make_train_step(model, classification, tx, inplace=True), state, data)
+    assert [t.data_ptr() for t in _tree.leaves(inplace)] == pointers
+    assert_trees_equal(inplace, pure)
+
+
+def test_eval_step_uses_running_statistics_and_changes_nothing():
+    model = mlp()
+    tx = ft.sgd(lr=0.1)
+    state, _ = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), batches(3))
+    before = snapshot(state)
+    batch = batches(1, seed=7)[0]
+    metrics = ft.make_eval_step(model, classification)(state, batch)
+    reference = mlp()
+    reference.load_state_dict({**state.params, **state.buffers})
+    reference.eval()
+    with torch.no_grad():
+        expected_loss, expected = classification(reference, batch)
+    torch.testing.assert_close(metrics["loss"], expected_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["acc"], expected["acc"])
+    assert_trees_equal(state, before)
+    assert metrics["loss"].requires_grad is False
+
+
+def test_metrics_are_zero_dim_tensors_and_loss_is_always_present():
+    model = mlp(batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), tx)
+    _, metrics = step(ft.TrainState.create(model, tx), batches(1)[0])
+    assert list(metrics) == ["loss"]
+    assert metrics["loss"].ndim == 0 and not metrics["loss"].requires_grad
+
+
+def test_dropout_is_reproducible_from_a_seed():
+    model = mlp(dropout=0.5)
+    tx = ft.adam(lr=1e-2)
+    step = ft.make_train_step(model, classification, tx)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(run_steps(step, ft.TrainState.create(model, tx), batches(4))[0])
+    torch.manual_seed(124)
+    other = run_steps(step, ft.TrainState.create(model, tx), batches(4))[0]
+    assert_trees_equal(runs[0], runs[1])
+    assert not torch.equal(runs[0].params["0.weight"], other.params["0.weight"])
+
+
+def test_dropout_equals_torch_with_the_same_seed():
+    """The step draws dropout masks from torch's global generator, exactly as the module would."""
+    data = batches(4)
+    model = mlp(dropout=0.3)
+    tx = ft.sgd(lr=0.1)
+    torch.manual_seed(5)
+    state, _ = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    reference = mlp(dropout=0.3)
+    torch.manual_seed(5)
+    params, _ = run_torch(reference, lambda p: torch.optim.SGD(p, lr=0.1), data)
+    assert_trees_equal(state.params, {k: v.detach() for k, v in params.items()}, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- microbatches and precision
+
+
+def test_microbatches_equal_one_full_batch_step():
+    """Mean-reduced loss: the average of k microbatch gradients is the full-batch gradient."""
+    model = mlp(batchnorm=False)
+    tx = ft.adam(lr=1e-2)
+    data = batches(4, size=12)
+    full, m_full = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    micro, m_micro = run_steps(
+        ft.make_train_step(model, classification, tx, microbatches=3), ft.TrainState.create(model, tx), data
+    )
+    assert_trees_equal(micro.params, full.params, rtol=1e-12)
+    torch.testing.assert_close(m_micro["loss"], m_full["loss"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(m_micro["acc"], m_full["acc"])
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32():
+    model = mlp(torch.float32, batchnorm=False)
+    tx = ft.adamw(lr=1e-2)
+    data = batches(10, dtype=torch.float32)
+    fp32, m32 = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    bf16, m16 = run_steps(
+        ft.make_train_step(model, classification, tx, precision="bf16"), ft.TrainState.create(model, tx), data
+    )
+    assert all(p.dtype == torch.float32 for p in _tree.leaves(bf16.params))
+    assert all(t.dtype == torch.float32 for t in _tree.leaves(bf16.opt_state) if t.is_floating_point())
+    assert m16["loss"].dtype == torch.float32
+    assert abs(m16["loss"].item() - m32["loss"].item()) < 0.05
+    assert not torch.equal(bf16.params["0.weight"], fp32.params["0.weight"])  # autocast did run in bf16
+
+
+def test_fp16_needs_loss_scaling():
+    model = mlp(torch.float32, batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, classification, tx, precision="fp16")
+    with pytest.raises(ValueError, match="dynamic_loss_scale"):
+        step(ft.TrainState.create(model, tx), batches(1, dtype=torch.float32)[0])
+
+
+def test_fp16_step_equals_autocast_and_grad_scaler():
+    """fp16 autocast + dynamic_loss_scale == torch.autocast + torch.amp.GradScaler + torch.optim, on CPU."""
+    data = batches(6, dtype=torch.float32)
+    model = mlp(torch.float32, batchnorm=False)
+    tx = ft.dynamic_loss_scale(ft.adam(lr=1e-2), init_scale=2.0**10, growth_interval=2)
+    state, metrics = run_steps(
+        ft.make_train_step(model, classification, tx, precision="fp16"), ft.TrainState.create(model, tx), data
+    )
+    reference = mlp(torch.float32, batchnorm=False)
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    for batch in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = classification(reference, batch)[0]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert_trees_equal(state.params, {k: v.detach() for k, v in reference.named_parameters()}, rtol=1e-6)
+    assert state.opt_state.scale.item() == scaler.get_scale()
+    assert metrics["loss_scale"].item() in (scaler.get_scale(), 2 * scaler.get_scale(), scaler.get_scale() / 2)
+
+
+def test_dynamic_loss_scale_skips_overflow_and_follows_grad_scaler():
+    """Gradients with injected infs: same skipped steps, same scale sequence as GradScaler."""
+    torch.manual_seed(0)
+    params = {"w": torch.randn(5)}
+    tx = ft.dynamic_loss_scale(ft.sgd(lr=0.1, momentum=0.9), init_scale=16.0, growth_interval=3)
+    state = tx.init(params)
+    reference = params["w"].clone().requires_grad_(True)
+    opt = torch.optim.SGD([reference], lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=3)
+    ours = dict(params)
+    for t in range(12):
+        scaled_grad = torch.randn(5) * scaler.get_scale()
+        if t in (2, 3, 7):
+            scaled_grad[t % 5] = float("inf") if t != 3 else float("nan")
+        updates, state = tx.update({"w": scaled_grad.clone()}, state, ours)
+        ours = ft.apply_updates(ours, updates)
+        reference.grad = scaled_grad.clone()
+        scaler.scale(torch.zeros(()))  # GradScaler creates its scale lazily, in scale()
+        scaler.step(opt)
+        scaler.update()
+        assert state.scale.item() == scaler.get_scale(), t
+        torch.testing.assert_close(ours["w"], reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- vmap and differentiation
+
+
+def test_vmapped_ensemble_with_k_learning_rates_equals_k_runs():
+    model = mlp(batchnorm=False)
+    tx = ft.inject_hyperparams(ft.sgd)(lr=0.1, momentum=0.9)
+    rates = [0.01, 0.05, 0.2]
+    states = []
+    for i, lr in enumerate(rates):
+        s = ft.TrainState.create(mlp(batchnorm=False, seed=i), tx)
+        hyper = {**s.opt_state.hyperparams, "lr": torch.tensor(lr, dtype=torch.float64)}
+        states.append(s._replace(opt_state=s.opt_state._replace(hyperparams=hyper)))
+    data = batches(5)
+    step = ft.make_train_step(model, classification, tx)
+    stacked, metrics = run_steps(torch.func.vmap(step, in_dims=(0, None)), ft.stack_states(states), data)
+    assert metrics["loss"].shape == (3,)
+    for i, lr in enumerate(rates):
+        alone, _ = run_steps(
+            ft.make_train_step(model, classification, ft.sgd(lr=lr, momentum=0.9)),
+            ft.TrainState.create(mlp(batchnorm=False, seed=i), ft.sgd(lr=lr, momentum=0.9)),
+            data,
+        )
+        assert_trees_equal(ft.unstack_states(stacked)[i].params, alone.params, rtol=1e-12)
+
+
+def regression(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def regression_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64))
+        for _ in range(n)
+    ]
+
+
+def test_hypergradient_of_the_learning_rate_through_unrolled_steps():
+    """d(validation loss after k steps)/d(lr), by torch.func.grad, equals central finite differences."""
+    model = mlp(batchnorm=False)
+    tx = ft.inject_hyperparams(ft.adam)(lr=0.01)
+    step = ft.make_train_step(model, regression, tx)
+    train, (val,) = regression_data(4, seed=2), regression_data(1, seed=3)
+    initial = ft.TrainState.create(model, tx)
+
+    def val_loss(lr):
+        hyper = {**initial.opt_state.hyperparams, "lr": lr}
+        state = initial._replace(opt_state=initial.opt_state._replace(hyperparams=hyper))
+        state, _ = run_steps(step, state, train)
+        # The eval step runs under no_grad; the validation loss is differentiated through the params.
+        return F.mse_loss(torch.func.functional_call(model, state.params, (val[0],)), val[1])
+
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    hypergrad = torch.func.grad(val_loss)(lr)
+    h = 1e-6
+    finite_difference = (val_loss(lr + h) - val_loss(lr - h)) / (2 * h)
+    torch.testing.assert_close(hypergrad, finite_difference, rtol=1e-5, atol=1e-10)
+
+
+def test_maml_gradient_through_inner_steps_equals_finite_differences():
+    """The meta-gradient with respect to the initial params, along a random direction."""
+    model = mlp(batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, regression, tx)
+    support, (query,) = regression_data(2, seed=4), regression_data(1, seed=5)
+    initial = ft.TrainState.create(model, tx)
+
+    def meta_loss(params):
+        state, _ = run_steps(step, initial._replace(params=params), support)
+        return F.mse_loss(torch.func.functional_call(model, state.params, (query[0],)), query[1])
+
+    params = snapshot(initial.params)
+    meta_grad = torch.func.grad(meta_loss)(params)
+    direction = _tree.map(torch.randn_like, params)
+    h = 1e-6
+    plus = meta_loss(_tree.add_scaled(params, direction, h))
+    minus = meta_loss(_tree.add_scaled(params, direction, -h))
+    directional = sum((g * d).sum() for g, d in zip(_tree.leaves(meta_grad), _tree.leaves(direction)))
+    torch.testing.assert_close(directional, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_loss_fn_returning_a_non_scalar_is_named():
+    model = mlp(batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), tx)
+    with pytest.raises(TypeError, match=r"0-d floating-point loss.*shape \(12,\)"):
+        step(ft.TrainState.create(model, tx), batches(1)[0])
+
+
+def test_loss_fn_returning_an_integer_or_a_float_is_named():
+    model = mlp(batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+    for bad, what in [(lambda m, b: b[1].sum(), "torch.int64"), (lambda m, b: 1.0, "float")]:
+        with pytest.raises(TypeError, match=what):
+            ft.make_train_step(model, bad, tx)(ft.TrainState.create(model, tx), batches(1)[0])
+
+
+def test_state_of_another_model_names_the_first_differing_parameter():
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(mlp(), classification, tx)
+    with pytest.raises(ValueError, match="the model's '1.weight' is missing from the state"):
+        step(ft.TrainState.create(mlp(batchnorm=False), tx), batches(1)[0])
+    wider = nn.Sequential(
+        nn.Linear(6, 32, bias=False), nn.BatchNorm1d(32), nn.Tanh(), nn.Dropout(0.0), nn.Linear(32, 3)
+    )
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(32, 6\) in the state but \(16, 6\)"):
+        step(ft.TrainState.create(wider.double(), tx), batches(1)[0])
+
+
+def test_a_batch_the_model_rejects_reports_the_step():
+    model = mlp()
+    tx = ft.sgd(lr=0.1)
+    with pytest.raises(RuntimeError, match="train step: the model or loss_fn rejected the batch: .*mat1 and mat2"):
+        ft.make_train_step(model, classification, tx)(
+            ft.TrainState.create(model, tx), (torch.randn(4, 5).double(), torch.zeros(4).long())
+        )
+
+
+def test_bad_arguments_name_themselves():
+    model, tx = mlp(), ft.sgd(lr=0.1)
+    with pytest.raises(ValueError, match="precision"):
+        ft.make_train_step(model, classification, tx, precision="fp8")
+    with pytest.raises(ValueError, match="microbatches must be an int >= 1"):
+        ft.make_train_step(model, classification, tx, microbatches=0)
+    with pytest.raises(TypeError, match="tx must be a GradientTransformation"):
+        ft.make_train_step(model, classification, torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"microbatches=5 must divide the batch size.*\(12, 6\)"):
+        ft.make_train_step(model, classification, tx, microbatches=5)(ft.TrainState.create(model, tx), batches(1)[0])
+    with pytest.raises(ValueError, match="growth_interval"):
+        ft.dynamic_loss_scale(tx, growth_interval=0)
+
+
+def test_non_finite_loss_is_reported_and_skipped_under_apply_if_finite():
+    model = mlp(batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+    bad = (torch.full((12, 6), float("nan"), dtype=torch.float64), torch.zeros(12, dtype=torch.long))
+    state = ft.TrainState.create(model, tx)
+    _, metrics = ft.make_train_step(model, classification, tx)(state, bad)
+    assert torch.isnan(metrics["loss"])
+
+
+# ----------------------------------------------------------------------------- compiled
+
+
+@pytest.fixture(scope="module")
+def compiled_steps():
+    model = mlp(torch.float32)
+    tx = ft.inject_hyperparams(ft.adamw)(lr=1e-2, weight_decay=0.05)
+    return (
+        model,
+        tx,
+        ft.make_train_step(model, classification, tx, compile=True),
+        ft.make_eval_step(model, classification, compile=True),
+    )
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_and_never_recompiles(compiled_steps):
+    """One graph per step; moving the learning rate and interleaving eval never recompile."""
+    model, tx, step, evaluate = compiled_steps
+    eager_step, eager_eval = ft.make_train_step(model, classification, tx), ft.make_eval_step(model, classification)
+    data = batches(6, dtype=torch.float32)
+    compiled_state = eager_state = ft.TrainState.create(model, tx)
+    compiled_state, _ = step(compiled_state, data[0])
+    evaluate(compiled_state, data[0])
+    eager_state, _ = eager_step(eager_state, data[0])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for i, batch in enumerate(data[1:]):
+            lr = torch.tensor(1e-2 / (i + 2), dtype=torch.float64)
+            hyper = {**compiled_state.opt_state.hyperparams, "lr": lr}
+            compiled_state = compiled_state._replace(opt_state=compiled_state.opt_state._replace(hyperparams=hyper))
+            eager_state = eager_state._replace(opt_state=eager_state.opt_state._replace(hyperparams=hyper))
+            compiled_state, compiled_metrics = step(compiled_state, batch)
+            eager_state, eager_metrics = eager_step(eager_state, batch)
+            torch.testing.assert_close(
+                evaluate(compiled_state, batch), eager_eval(eager_state, batch), rtol=1e-5, atol=1e-6
+            )
+    assert_trees_equal(compiled_state.params, eager_state.params, rtol=1e-5)
+    assert_trees_equal(compiled_state.buffers, eager_state.buffers, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_inplace_step_writes_into_the_state():
+    model = mlp(torch.float32, batchnorm=False)
+    tx = ft.adamw(lr=1e-2)
+    data = batches(3, dtype=torch.float32)
+    pure, _ = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    state = snapshot(ft.TrainState.create(model, tx))
+    pointers = [t.data_ptr() for t in _tree.leaves(state)]
+    step = ft.make_train_step(model, classification, tx, compile=True, inplace=True)
+    state, _ = run_steps(step, state, data)
+    assert [t.data_ptr() for t in _tree.leaves(state)] == pointers
+    assert_trees_equal(state.params, pure.params, rtol=1e-5)
