@@ -14,6 +14,7 @@ from .base import (
     register_state as register_state,
 )
 from .combine import chain as chain, partition as partition, set_to_zero as set_to_zero
+from .loss_scale import LossScaleState as LossScaleState, dynamic_loss_scale as dynamic_loss_scale
 from .optimisers import (
     adadelta as adadelta,
     adafactor as adafactor,
@@ -34,7 +35,6 @@ from .optimisers import (
     schedule_free_eval_params as schedule_free_eval_params,
     sgd as sgd,
 )
-from .loss_scale import LossScaleState as LossScaleState, dynamic_loss_scale as dynamic_loss_scale
 from .step import (
     TrainState as TrainState,
     make_eval_step as make_eval_step,
@@ -42,7 +42,16 @@ from .step import (
     stack_states as stack_states,
     unstack_states as unstack_states,
 )
-from .wrappers import inject_hyperparams as inject_hyperparams
+from .transforms import reduce_on_plateau as reduce_on_plateau
+from .wrappers import (
+    accumulate as accumulate,
+    accumulate_has_updated as accumulate_has_updated,
+    apply_if_finite as apply_if_finite,
+    ema_params as ema_params,
+    ema_params_of as ema_params_of,
+    inject_hyperparams as inject_hyperparams,
+    lookahead as lookahead,
+)
 
 __all__ = [
     "EmptyState",
@@ -54,21 +63,27 @@ __all__ = [
     "Schedule",
     "TrainState",
     "Updates",
+    "accumulate",
+    "accumulate_has_updated",
     "adadelta",
     "adafactor",
     "adagrad",
     "adam",
     "adamax",
     "adamw",
+    "apply_if_finite",
     "apply_updates",
     "asgd",
     "chain",
     "dynamic_loss_scale",
+    "ema_params",
+    "ema_params_of",
     "identity",
     "inject_hyperparams",
     "lamb",
     "lars",
     "lion",
+    "lookahead",
     "make_eval_step",
     "make_train_step",
     "muon",
@@ -76,6 +91,7 @@ __all__ = [
     "optimisers",
     "partition",
     "radam",
+    "reduce_on_plateau",
     "register_state",
     "rmsprop",
     "rprop",

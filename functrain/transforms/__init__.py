@@ -18,6 +18,7 @@ from ._basic import (
 from ._factored import scale_by_factored_rms as scale_by_factored_rms
 from ._lion import scale_by_lion as scale_by_lion
 from ._muon import orthogonalize_via_newton_schulz as orthogonalize_via_newton_schulz, scale_by_muon as scale_by_muon
+from ._plateau import ReduceOnPlateauState as ReduceOnPlateauState, reduce_on_plateau as reduce_on_plateau
 from ._rms import (
     scale_by_adadelta as scale_by_adadelta,
     scale_by_rms as scale_by_rms,

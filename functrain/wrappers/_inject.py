@@ -1,4 +1,4 @@
-"""Wrappers: transformations that change how another transformation is driven."""
+"""inject_hyperparams and schedulable: hyperparameters as tensors in the optimiser state."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .base import GradientTransformation, OptState, register_state, step_count
+from ..base import GradientTransformation, OptState, register_state, step_count
 
 
 @register_state

@@ -1,0 +1,21 @@
+"""Wrappers: transformations that change how another transformation is driven, and what it keeps.
+
+``inject_hyperparams`` / ``schedulable`` (hyperparameters as state tensors), ``accumulate``
+(gradient accumulation), ``apply_if_finite`` (skip non-finite steps), ``ema_params`` (an EMA of the
+params) and ``lookahead`` (slow and fast weights). Every choice between steps is a ``torch.where``,
+so each compiles into one graph.
+"""
+
+from ._accumulate import (
+    AccumulateState as AccumulateState,
+    accumulate as accumulate,
+    accumulate_has_updated as accumulate_has_updated,
+)
+from ._ema import EmaParamsState as EmaParamsState, ema_params as ema_params, ema_params_of as ema_params_of
+from ._finite import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
+from ._inject import (
+    InjectHyperparamsState as InjectHyperparamsState,
+    inject_hyperparams as inject_hyperparams,
+    schedulable as schedulable,
+)
+from ._lookahead import LookaheadState as LookaheadState, lookahead as lookahead

@@ -1,0 +1,38 @@
+"""Small helpers shared by the wrappers: integer checks and finding a state inside nested states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_int(owner: str, name: str, value: Any, low: int) -> None:
+    """Raises TypeError unless ``value`` is an int (not a bool), ValueError unless ``value >= low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int >= {low}, got {type(value).__name__}: {value!r}")
+    if value < low:
+        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
+
+
+def find_states(state: Any, cls: type) -> list[Any]:
+    """Every ``cls`` instance inside ``state``, searching tuples (chain, NamedTuple states), lists
+    and dicts (partition's groups, inject_hyperparams' hyperparams), depth first, in order."""
+    if isinstance(state, cls):
+        return [state]
+    if isinstance(state, dict):
+        children = state.values()
+    elif isinstance(state, (tuple, list)):
+        children = state
+    else:
+        return []
+    return [found for child in children for found in find_states(child, cls)]
+
+
+def find_one_state(state: Any, cls: type, owner: str, what: str) -> Any:
+    """The single ``cls`` instance inside ``state``; a ValueError saying what to do when there are none or several."""
+    found = find_states(state, cls)
+    if len(found) != 1:
+        raise ValueError(
+            f"{owner}: expected opt_state to hold exactly one {cls.__name__} (from {what}), found {len(found)}; "
+            f"pass the state of the optimiser that contains it (or the {cls.__name__} itself)"
+        )
+    return found[0]
