@@ -13,7 +13,14 @@ from .base import (
     identity as identity,
     register_state as register_state,
 )
-from .combine import chain as chain, partition as partition, set_to_zero as set_to_zero
+from .combine import (
+    chain as chain,
+    freeze as freeze,
+    masked as masked,
+    named_chain as named_chain,
+    partition as partition,
+    set_to_zero as set_to_zero,
+)
 from .loss_scale import LossScaleState as LossScaleState, dynamic_loss_scale as dynamic_loss_scale
 from .optimisers import (
     adadelta as adadelta,
@@ -42,7 +49,7 @@ from .step import (
     stack_states as stack_states,
     unstack_states as unstack_states,
 )
-from .transforms import reduce_on_plateau as reduce_on_plateau
+from .transforms import clip as clip, clip_by_global_norm as clip_by_global_norm, reduce_on_plateau as reduce_on_plateau
 from .wrappers import (
     accumulate as accumulate,
     accumulate_has_updated as accumulate_has_updated,
@@ -75,9 +82,12 @@ __all__ = [
     "apply_updates",
     "asgd",
     "chain",
+    "clip",
+    "clip_by_global_norm",
     "dynamic_loss_scale",
     "ema_params",
     "ema_params_of",
+    "freeze",
     "identity",
     "inject_hyperparams",
     "lamb",
@@ -86,8 +96,10 @@ __all__ = [
     "lookahead",
     "make_eval_step",
     "make_train_step",
+    "masked",
     "muon",
     "nadam",
+    "named_chain",
     "optimisers",
     "partition",
     "radam",

@@ -202,6 +202,69 @@ def scaled_sum(a: Tree, alpha: float | Tensor, b: Tree, beta: float | Tensor) ->
     return map(lambda x, y: x * scalar_for(alpha, x) + y * scalar_for(beta, y), a, b)
 
 
+# ----------------------------------------------------------------------------- labelled leaves
+
+
+def label_leaves(tree: Tree, labels: Any, owner: str, what: str = "labels") -> list[tuple[str, Any]]:
+    """``(name, label)`` for each leaf of ``tree``, in leaf order, with the dotted names of :func:`named_leaves`.
+
+    ``labels`` is a tree of labels with ``tree``'s structure (checked: :class:`TreeMismatchError`
+    names the first differing key) or a function ``(name, leaf) -> label``. Plain Python: under
+    ``torch.compile`` it runs once, at trace time. The names must be unique, because groups of
+    leaves travel as ``{name: leaf}`` dicts (see :func:`group_by_label`).
+    """
+    named = named_leaves(tree)
+    if callable(labels):
+        assigned = [(name, labels(name, leaf)) for name, leaf in named]
+    else:
+        check_same_structure(tree, labels, f"{owner}: params", what)
+        assigned = [(name, label) for (name, _), label in zip(named, leaves(labels))]
+    seen: set[str] = set()
+    for name, _ in assigned:
+        if name in seen:
+            raise ValueError(f"{owner}: two leaves are both named {name!r}; give the params unique dotted names")
+        seen.add(name)
+    return assigned
+
+
+def mask_leaves(tree: Tree, mask: Any, owner: str) -> list[tuple[str, bool]]:
+    """:func:`label_leaves` for a mask: every label must be a Python ``bool``."""
+    assigned = label_leaves(tree, mask, owner, "mask")
+    for name, selected in assigned:
+        if not isinstance(selected, bool):
+            raise TypeError(f"{owner}: the mask must give a bool for each leaf, got {selected!r} for {name!r}")
+    return assigned
+
+
+def group_by_label(tree: Tree, assigned: list[tuple[str, Any]], labels: Any) -> dict[Any, dict[str, Any]]:
+    """``{label: {name: leaf}}`` for each of ``labels`` (in that order), the leaves of ``tree``
+    placed by ``assigned`` (from :func:`label_leaves`, for a tree of the same structure)."""
+    groups: dict[Any, dict[str, Any]] = {label: {} for label in labels}
+    flat = leaves(tree)
+    if len(flat) != len(assigned):
+        raise TreeMismatchError(f"a tree of {len(flat)} leaves was labelled for {len(assigned)} leaves")
+    for (name, label), leaf in zip(assigned, flat):
+        groups[label][name] = leaf
+    return groups
+
+
+def ungroup(groups: dict[Any, dict[str, Any]], assigned: list[tuple[str, Any]], like: Tree) -> Tree:
+    """The inverse of :func:`group_by_label`: the grouped leaves back in ``like``'s structure."""
+    return unflatten([groups[label][name] for name, label in assigned], structure(like))
+
+
+def device_dtype_groups(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` grouped by (device, dtype), groups in the order torch's multi-tensor code uses
+    (so a reduction over the groups adds in the same order as ``torch.nn.utils``); under
+    ``torch.compile`` or a functorch transform, in order of first appearance."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        groups: dict[tuple, list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        return list(groups.values())
+    return [lists[0] for lists, _ in _group_tensors_by_device_and_dtype([list(tensors)]).values()]
+
+
 # ----------------------------------------------------------------------------- selecting whole trees
 
 

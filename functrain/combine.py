@@ -16,6 +16,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies ``transforms`` in order; the state is the tuple of their states.
 
     ``chain(scale_by_adam(), add_decayed_weights(1e-2), scale_by_learning_rate(1e-3))`` is AdamW.
+    To address the states by name (``state["adam"]``), use :func:`named_chain`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adam(lr=0.1))
+        >>> params = {"w": torch.ones(3)}
+        >>> updates, state = tx.update({"w": torch.full((3,), 10.0)}, tx.init(params), params)
+        >>> len(state)
+        2
     """
     for i, tx in enumerate(transforms):
         if not isinstance(tx, GradientTransformation):
@@ -32,6 +41,69 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             updates, tx_state = tx.update(updates, tx_state, params, **extra)
             new_state.append(tx_state)
         return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def named_chain(
+    *pairs: tuple[str, GradientTransformation], **transforms: GradientTransformation
+) -> GradientTransformation:
+    """Like :func:`chain`, but the state is a dict ``name -> state``: checkpoints address states by name.
+
+    ``named_chain(clip=ft.clip_by_global_norm(1.0), adam=ft.adam())`` applies ``clip`` then
+    ``adam``, and its state is ``{"clip": ..., "adam": ...}``. Transforms are applied in the order
+    given (keyword order is insertion order); ``(name, transform)`` pairs may be passed
+    positionally to spell the order out, before any keyword arguments. A state is matched to its
+    transform by name, never by position, so a saved state loads into a chain whose transforms were
+    reordered, and a state whose names do not match the chain's (a renamed or missing entry) is
+    refused with the names that differ. Reordering still changes the maths, of course.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.named_chain(clip=ft.clip_by_global_norm(1.0), adam=ft.adam(lr=0.1))
+        >>> params = {"w": torch.ones(3)}
+        >>> state = tx.init(params)
+        >>> list(state), state["adam"][0].mu["w"].shape  # adam is itself a chain
+        (['clip', 'adam'], torch.Size([3]))
+        >>> same = ft.named_chain(("clip", ft.clip_by_global_norm(1.0)), ("adam", ft.adam(lr=0.1)))
+    """
+    named: dict[str, GradientTransformation] = {}
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, GradientTransformation) or not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(
+                f"named_chain: positional argument {i} must be a (name, transform) pair, got {type(pair).__name__}; "
+                "give each transform a name, e.g. named_chain(adam=ft.adam()) or named_chain(('adam', ft.adam()))"
+            )
+        name, tx = pair
+        if not isinstance(name, str):
+            raise TypeError(f"named_chain: the name of pair {i} must be a str, got {type(name).__name__}: {name!r}")
+        if name in named:
+            raise ValueError(f"named_chain: the name {name!r} is given twice")
+        named[name] = tx
+    for name, tx in transforms.items():
+        if name in named:
+            raise ValueError(f"named_chain: the name {name!r} is given twice")
+        named[name] = tx
+    for name, tx in named.items():
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(f"named_chain: {name!r} must be a GradientTransformation, got {type(tx).__name__}")
+
+    def init(params):
+        return {name: tx.init(params) for name, tx in named.items()}
+
+    def update(updates, state, params=None, **extra):
+        if not isinstance(state, dict) or state.keys() != named.keys():
+            given = list(state) if isinstance(state, dict) else type(state).__name__
+            missing = [name for name in named if not isinstance(state, dict) or name not in state]
+            unexpected = [name for name in state if name not in named] if isinstance(state, dict) else []
+            raise ValueError(
+                f"named_chain: the state does not match the transforms: missing {missing}, unexpected "
+                f"{unexpected} (state holds {given}; transforms are {list(named)})"
+            )
+        new_state = {}
+        for name, tx in named.items():
+            updates, new_state[name] = tx.update(updates, state[name], params, **extra)
+        return updates, new_state
 
     return GradientTransformation(init, update)
 
@@ -67,12 +139,7 @@ def partition(transforms: dict[Hashable, GradientTransformation], labels: Labels
             )
 
     def label_of_each(params) -> list[tuple[str, Hashable]]:
-        named = _tree.named_leaves(params)
-        if callable(labels):
-            assigned = [(name, labels(name, leaf)) for name, leaf in named]
-        else:
-            _tree.check_same_structure(params, labels, "params", "labels")
-            assigned = [(name, label) for (name, _), label in zip(named, _tree.leaves(labels))]
+        assigned = _tree.label_leaves(params, labels, "partition")
         unknown = sorted({repr(label) for _, label in assigned if label not in transforms})
         if unknown:
             first = next(name for name, label in assigned if repr(label) in unknown)
@@ -82,32 +149,27 @@ def partition(transforms: dict[Hashable, GradientTransformation], labels: Labels
             )
         return assigned
 
-    def split(tree, assigned) -> dict[Hashable, dict[str, Any]]:
-        groups: dict[Hashable, dict[str, Any]] = {label: {} for label in transforms}
-        for (name, label), leaf in zip(assigned, _tree.leaves(tree)):
-            groups[label][name] = leaf
-        return groups
-
     def init(params):
         assigned = label_of_each(params)
         used = {label for _, label in assigned}
         unused = [label for label in transforms if label not in used]
         if unused and assigned:
             raise ValueError(f"partition: transforms {unused} have no parameters labelled for them")
-        groups = split(params, assigned)
+        groups = _tree.group_by_label(params, assigned, transforms)
         return PartitionState({label: tx.init(groups[label]) for label, tx in transforms.items()})
 
     def update(updates, state, params=None, **extra):
         assigned = label_of_each(updates if params is None else params)
-        grouped_updates = split(updates, assigned)
-        grouped_params = split(params, assigned) if params is not None else dict.fromkeys(transforms)
+        grouped_updates = _tree.group_by_label(updates, assigned, transforms)
+        grouped_params = (
+            _tree.group_by_label(params, assigned, transforms) if params is not None else dict.fromkeys(transforms)
+        )
         new_states, new_updates = {}, {}
         for label, tx in transforms.items():
             new_updates[label], new_states[label] = tx.update(
                 grouped_updates[label], state.inner_states[label], grouped_params[label], **extra
             )
-        flat = [new_updates[label][name] for name, label in assigned]
-        return _tree.unflatten(flat, _tree.structure(updates)), PartitionState(new_states)
+        return _tree.ungroup(new_updates, assigned, updates), PartitionState(new_states)
 
     return GradientTransformation(init, update)
 
@@ -116,7 +178,14 @@ def set_to_zero() -> GradientTransformation:
     """Zero updates and no state: the transform of a frozen parameter group.
 
     ``partition({"train": ft.adamw(), "frozen": ft.set_to_zero()}, labels)`` trains only the
-    first group, and holds no optimiser state for the second.
+    first group, and holds no optimiser state for the second. ``set_to_zero`` zeroes *every*
+    update it sees; to zero only some leaves of a tree and pass the others on, use :func:`freeze`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.set_to_zero()
+        >>> tx.update({"w": torch.ones(2)}, tx.init({"w": torch.ones(2)}))
+        ({'w': tensor([0., 0.])}, EmptyState())
     """
 
     def init(params):
@@ -127,3 +196,76 @@ def set_to_zero() -> GradientTransformation:
         return _tree.map(torch.zeros_like, updates), state
 
     return GradientTransformation(init, update)
+
+
+@register_state
+class MaskedState(NamedTuple):
+    inner_state: OptState  # the inner transform's state, over the selected leaves only
+
+
+Mask = Union[Any, Callable[[str, Tensor], bool]]  # noqa: UP007
+
+
+def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Applies ``inner`` to the leaves that ``mask`` selects; the others pass through unchanged.
+
+    ``mask`` is a pytree of bools with the structure of the params, or a function
+    ``(name, tensor) -> bool`` of the dotted name (as :func:`partition`'s labels; it runs in
+    Python, at trace time under ``torch.compile``). ``inner`` sees only the selected leaves, as a
+    ``{name: tensor}`` dict, so its state holds nothing for the others. A mask tree of another
+    structure raises :class:`~functrain._tree.TreeMismatchError` naming the first differing key.
+
+    Unselected updates are returned *unchanged*, as in optax: ``masked(ft.adamw(), trainable)`` on
+    its own would add the raw gradients of the other leaves to their params. To train some leaves
+    and freeze the rest with no state for the frozen ones, write
+    ``chain(masked(ft.adamw(), trainable), freeze(frozen))`` or
+    ``partition({"train": ft.adamw(), "frozen": set_to_zero()}, labels)``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2, 2), "bias": torch.ones(2)}
+        >>> tx = ft.masked(ft.transforms.scale(-0.5), lambda name, p: p.ndim >= 2)
+        >>> updates, state = tx.update({"w": torch.ones(2, 2), "bias": torch.ones(2)}, tx.init(params), params)
+        >>> updates["w"][0], updates["bias"]
+        (tensor([-0.5000, -0.5000]), tensor([1., 1.]))
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"masked: inner must be a GradientTransformation, got {type(inner).__name__}")
+
+    def init(params):
+        assigned = _tree.mask_leaves(params, mask, "masked")
+        return MaskedState(inner.init(_tree.group_by_label(params, assigned, (True, False))[True]))
+
+    def update(updates, state, params=None, **extra):
+        assigned = _tree.mask_leaves(updates if params is None else params, mask, "masked")
+        groups = _tree.group_by_label(updates, assigned, (True, False))
+        selected_params = None if params is None else _tree.group_by_label(params, assigned, (True, False))[True]
+        groups[True], inner_state = inner.update(groups[True], state.inner_state, selected_params, **extra)
+        return _tree.ungroup(groups, assigned, updates), MaskedState(inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def freeze(mask: Mask) -> GradientTransformation:
+    """Zero updates, and no state, for the leaves ``mask`` selects; the others pass through unchanged.
+
+    ``freeze(mask)`` is ``masked(set_to_zero(), mask)``: ``mask`` (a pytree of bools or a function
+    ``(name, tensor) -> bool``) selects the *frozen* leaves. Unlike :func:`set_to_zero`, which
+    zeroes every update it is given (its place is inside :func:`partition`, as a group's
+    transform), ``freeze`` chains anywhere.
+
+    Where it goes in a chain matters. ``chain(ft.adamw(), freeze(frozen))`` keeps frozen params
+    still, but AdamW holds state for every leaf; ``chain(freeze(frozen), ft.adamw())`` is worse:
+    AdamW still keeps state for every leaf and its decoupled weight decay moves the frozen params.
+    For no state on frozen leaves, write ``chain(masked(ft.adamw(), trainable), freeze(frozen))``
+    or ``partition({"train": ft.adamw(), "frozen": set_to_zero()}, labels)``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"backbone.w": torch.ones(2), "head.w": torch.ones(2)}
+        >>> tx = ft.freeze(lambda name, p: name.startswith("backbone"))
+        >>> updates, state = tx.update({"backbone.w": torch.ones(2), "head.w": torch.ones(2)}, tx.init(params))
+        >>> updates
+        {'backbone.w': tensor([0., 0.]), 'head.w': tensor([1., 1.])}
+    """
+    return masked(set_to_zero(), mask)

@@ -15,6 +15,7 @@ from ._basic import (
     scale_by_schedule as scale_by_schedule,
     trace as trace,
 )
+from ._clip import clip as clip, clip_by_global_norm as clip_by_global_norm, global_norm as global_norm
 from ._factored import scale_by_factored_rms as scale_by_factored_rms
 from ._lion import scale_by_lion as scale_by_lion
 from ._muon import orthogonalize_via_newton_schulz as orthogonalize_via_newton_schulz, scale_by_muon as scale_by_muon

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .. import _tree
+from .. import _tree, _validate
 from ..base import EmptyState, GradientTransformation, Params, Schedule, register_state, step_count
 
 
@@ -55,9 +55,26 @@ def scale_by_learning_rate(
     return scale(sign * learning_rate)
 
 
-def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | Tensor = 0.0, mask: Any = None) -> GradientTransformation:
     """Adds ``weight_decay * params`` to the updates (L2 regularisation, or decoupled decay when
-    placed after the adaptive scaling and before the learning rate, as in AdamW)."""
+    placed after the adaptive scaling and before the learning rate, as in AdamW).
+
+    Args:
+        weight_decay: the decay coefficient, ``>= 0`` (a float or a 0-d tensor).
+        mask: which params decay: ``None`` (all), a pytree of bools with the params' structure, or a
+            function ``(name, tensor) -> bool`` of the dotted name (as ``ft.masked``'s mask). The
+            others' updates pass through unchanged, as in a torch.optim param group with
+            ``weight_decay=0``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2, 2), "bias": torch.ones(2)}
+        >>> tx = ft.transforms.add_decayed_weights(0.1, mask=lambda name, p: p.ndim >= 2)
+        >>> updates, _ = tx.update({"w": torch.zeros(2, 2), "bias": torch.zeros(2)}, tx.init(params), params)
+        >>> updates["w"][0], updates["bias"]
+        (tensor([0.1000, 0.1000]), tensor([0., 0.]))
+    """
+    _validate.in_range("add_decayed_weights", "weight_decay", weight_decay, 0.0)
 
     def init(params):
         del params
@@ -66,7 +83,14 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransform
     def update(updates, state, params=None, **extra):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
-        return _tree.add_scaled(updates, params, weight_decay), state
+        if mask is None:
+            return _tree.add_scaled(updates, params, weight_decay), state
+        # Decay the selected leaves as one (foreach-able) dict; the rest pass through.
+        assigned = _tree.mask_leaves(params, mask, "add_decayed_weights")
+        grouped_updates = _tree.group_by_label(updates, assigned, (True, False))
+        decayed = _tree.group_by_label(params, assigned, (True, False))[True]
+        grouped_updates[True] = _tree.add_scaled(grouped_updates[True], decayed, weight_decay)
+        return _tree.ungroup(grouped_updates, assigned, updates), state
 
     return GradientTransformation(init, update)
 
