@@ -21,6 +21,12 @@ from .combine import (
     partition as partition,
     set_to_zero as set_to_zero,
 )
+from .interop import (
+    TorchOptimizer as TorchOptimizer,
+    from_torch_optimizer as from_torch_optimizer,
+    load_into_torch as load_into_torch,
+    opt_state_from_torch as opt_state_from_torch,
+)
 from .loss_scale import LossScaleState as LossScaleState, dynamic_loss_scale as dynamic_loss_scale
 from .optimisers import (
     adadelta as adadelta,
@@ -68,6 +74,7 @@ __all__ = [
     "OptState",
     "Params",
     "Schedule",
+    "TorchOptimizer",
     "TrainState",
     "Updates",
     "accumulate",
@@ -88,11 +95,13 @@ __all__ = [
     "ema_params",
     "ema_params_of",
     "freeze",
+    "from_torch_optimizer",
     "identity",
     "inject_hyperparams",
     "lamb",
     "lars",
     "lion",
+    "load_into_torch",
     "lookahead",
     "make_eval_step",
     "make_train_step",
@@ -100,6 +109,7 @@ __all__ = [
     "muon",
     "nadam",
     "named_chain",
+    "opt_state_from_torch",
     "optimisers",
     "partition",
     "radam",
