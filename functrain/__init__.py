@@ -1,6 +1,6 @@
 """functrain: a functional, composable training-step library for PyTorch."""
 
-from . import optimisers as optimisers, transforms as transforms
+from . import optimisers as optimisers, schedules as schedules, transforms as transforms
 from .base import (
     EmptyState as EmptyState,
     GradientTransformation as GradientTransformation,
@@ -119,6 +119,7 @@ __all__ = [
     "rprop",
     "schedule_free_adamw",
     "schedule_free_eval_params",
+    "schedules",
     "set_to_zero",
     "sgd",
     "stack_states",

@@ -26,6 +26,10 @@ def _is_numeric(value: Any) -> bool:
     return isinstance(value, (float, Tensor)) or callable(value)
 
 
+# Callables that are not schedules: a mask or labelling function of (name, tensor).
+_NEVER_INJECTED = frozenset({"mask", "labels"})
+
+
 def _injectable(value: Any) -> bool:
     """Floats, tensors and schedules are injected; ints, bools, strings and None stay static
     (they shape the computation, e.g. ``ns_steps``, ``nesterov``)."""
@@ -47,9 +51,10 @@ def inject_hyperparams(
     and the next update uses it; a compiled step does not recompile, because only tensor values
     changed. A schedule is evaluated at the update count before each update and its value stored.
 
-    Arguments named in ``static_args`` and non-numeric ones (ints, bools, strings) are passed through.
+    Arguments named in ``static_args``, non-numeric ones (ints, bools, strings) and ``mask`` /
+    ``labels`` functions are passed through.
     """
-    static_args = frozenset(static_args)
+    static_args = frozenset(static_args) | _NEVER_INJECTED
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:
