@@ -7,6 +7,7 @@ Schedules cannot be checked before they run, so they pass; floats and 0-d tensor
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -74,6 +75,17 @@ def _describe(low, high, low_open, high_open) -> str:
     if low is None:
         return f"{'<' if high_open else '<='} {high:g}"
     return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def integer(owner: str, name: str, value: Any, low: int, high: int | None = None) -> int:
+    """Returns ``value`` as an int in ``[low, high]``: TypeError for anything but an int (a bool
+    included), ValueError naming the allowed range otherwise."""
+    allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be {allowed}, got {type(value).__name__}: {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
+    return int(value)
 
 
 def one_of(owner: str, name: str, value: Any, allowed: tuple) -> None:

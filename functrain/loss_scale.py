@@ -61,8 +61,7 @@ def dynamic_loss_scale(
     _validate.in_range(owner, "init_scale", init_scale, 0.0, low_open=True)
     _validate.in_range(owner, "growth_factor", growth_factor, 1.0, low_open=True)
     _validate.in_range(owner, "backoff_factor", backoff_factor, 0.0, 1.0, low_open=True, high_open=True)
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-        raise ValueError(f"{owner}: growth_interval must be an int >= 1, got {growth_interval!r}")
+    _validate.integer(owner, "growth_interval", growth_interval, 1)
 
     def init(params):
         leaves = _tree.leaves(params)

@@ -281,8 +281,7 @@ def make_train_step(
     _check_step_args(owner, model, loss_fn, compile, precision)
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
-    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-        raise ValueError(f"{owner}: microbatches must be an int >= 1, got {microbatches!r}")
+    _validate.integer(owner, "microbatches", microbatches, 1)
     forward = _Forward("train step", model, loss_fn, training=True, precision=precision)
 
     def loss_for_grad(params, buffers, batch, loss_scale):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,13 +20,6 @@ class ReduceOnPlateauState(NamedTuple):
     cooldown_counter: Tensor  # decisions left in the cooldown after a reduction (0-d int64)
     count: Tensor  # updates done so far (0-d int64)
     accumulated_value: Tensor  # sum of the losses since the last decision (0-d float64)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"reduce_on_plateau: {name} must be an int >= {low}, got {type(value).__name__}: {value!r}")
-    if value < low:
-        raise ValueError(f"reduce_on_plateau: {name} must be an int >= {low}, got {value!r}")
 
 
 def reduce_on_plateau(
@@ -91,12 +84,12 @@ def reduce_on_plateau(
     _validate.one_of("reduce_on_plateau", "mode", mode, ("min", "max"))
     _validate.one_of("reduce_on_plateau", "threshold_mode", threshold_mode, ("rel", "abs"))
     _validate.in_range("reduce_on_plateau", "factor", factor, 0.0, 1.0, high_open=True)
-    _check_int("patience", patience, 0)
+    _validate.integer("reduce_on_plateau", "patience", patience, 0)
     _validate.in_range("reduce_on_plateau", "threshold", threshold, 0.0)
-    _check_int("cooldown", cooldown, 0)
+    _validate.integer("reduce_on_plateau", "cooldown", cooldown, 0)
     _validate.in_range("reduce_on_plateau", "min_scale", min_scale, 0.0)
     _validate.in_range("reduce_on_plateau", "eps", eps, 0.0)
-    _check_int("accumulation_size", accumulation_size, 1)
+    _validate.integer("reduce_on_plateau", "accumulation_size", accumulation_size, 1)
 
     def is_better(value: Tensor, best: Tensor) -> Tensor:
         # torch's _is_better, with the same float64 arithmetic (its values are Python floats).

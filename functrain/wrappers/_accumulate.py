@@ -7,9 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import _tree
+from .. import _tree, _validate
 from ..base import GradientTransformation, OptState, Updates, register_state, step_count
-from ._common import check_int, find_one_state
+from ._common import find_one_state
 
 
 @register_state
@@ -74,7 +74,7 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
     """
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"accumulate: tx must be a GradientTransformation, got {type(tx).__name__}")
-    check_int("accumulate", "every", every, 1)
+    _validate.integer("accumulate", "every", every, 1)
 
     def init(params):
         count = step_count(params)

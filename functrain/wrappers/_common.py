@@ -1,16 +1,8 @@
-"""Small helpers shared by the wrappers: integer checks and finding a state inside nested states."""
+"""Finding a wrapper's state inside nested states."""
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def check_int(owner: str, name: str, value: Any, low: int) -> None:
-    """Raises TypeError unless ``value`` is an int (not a bool), ValueError unless ``value >= low``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int >= {low}, got {type(value).__name__}: {value!r}")
-    if value < low:
-        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
 
 
 def find_states(state: Any, cls: type) -> list[Any]:

@@ -7,9 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import _tree
+from .. import _tree, _validate
 from ..base import GradientTransformation, OptState, register_state, step_count
-from ._common import check_int
 
 
 @register_state
@@ -60,7 +59,7 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
     """
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"apply_if_finite: tx must be a GradientTransformation, got {type(tx).__name__}")
-    check_int("apply_if_finite", "max_consecutive_errors", max_consecutive_errors, 0)
+    _validate.integer("apply_if_finite", "max_consecutive_errors", max_consecutive_errors, 0)
     message = (
         f"apply_if_finite: more than max_consecutive_errors={max_consecutive_errors} consecutive steps had "
         "non-finite gradients or updates"

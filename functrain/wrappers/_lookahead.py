@@ -9,7 +9,6 @@ from torch import Tensor
 
 from .. import _tree, _validate
 from ..base import GradientTransformation, OptState, Params, register_state, step_count
-from ._common import check_int
 
 
 @register_state
@@ -58,7 +57,7 @@ def lookahead(tx: GradientTransformation, sync_period: int = 6, alpha: float | T
     """
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"lookahead: tx must be a GradientTransformation, got {type(tx).__name__}")
-    check_int("lookahead", "sync_period", sync_period, 1)
+    _validate.integer("lookahead", "sync_period", sync_period, 1)
     _validate.in_range("lookahead", "alpha", alpha, 0.0, 1.0)
 
     def init(params):
