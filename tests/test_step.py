@@ -396,11 +396,18 @@ def test_bad_arguments_name_themselves():
 
 def test_non_finite_loss_is_reported_and_skipped_under_apply_if_finite():
     model = mlp(batchnorm=False)
-    tx = ft.sgd(lr=0.1)
     bad = (torch.full((12, 6), float("nan"), dtype=torch.float64), torch.zeros(12, dtype=torch.long))
-    state = ft.TrainState.create(model, tx)
-    _, metrics = ft.make_train_step(model, classification, tx)(state, bad)
+    plain = ft.adam(lr=0.1)
+    _, metrics = ft.make_train_step(model, classification, plain)(ft.TrainState.create(model, plain), bad)
     assert torch.isnan(metrics["loss"])
+    guarded = ft.apply_if_finite(ft.adam(lr=0.1), max_consecutive_errors=2)
+    step = ft.make_train_step(model, classification, guarded)
+    state = ft.TrainState.create(model, guarded)
+    good, bad_then_good = batches(2), [batches(1)[0], bad, batches(2)[1]]
+    skipped, metrics = run_steps(step, state, bad_then_good)
+    expected, _ = run_steps(step, state, good)
+    assert_trees_equal(skipped.params, expected.params)  # the NaN step left no trace
+    assert int(skipped.opt_state.total_notfinite) == 1
 
 
 # ----------------------------------------------------------------------------- compiled
