@@ -1,6 +1,6 @@
 """functrain: a functional, composable training-step library for PyTorch."""
 
-from . import optimisers as optimisers, schedules as schedules, transforms as transforms
+from . import distributed as distributed, optimisers as optimisers, schedules as schedules, transforms as transforms
 from .base import (
     EmptyState as EmptyState,
     GradientTransformation as GradientTransformation,
@@ -91,6 +91,7 @@ __all__ = [
     "chain",
     "clip",
     "clip_by_global_norm",
+    "distributed",
     "dynamic_loss_scale",
     "ema_params",
     "ema_params_of",

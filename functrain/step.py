@@ -231,6 +231,7 @@ def make_train_step(
     inplace: bool = False,
     microbatches: int = 1,
     precision: str | None = None,
+    reduce_buffers: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (state, metrics)``: one optimiser step of ``tx`` on ``loss_fn``.
 
@@ -254,6 +255,9 @@ def make_train_step(
         precision: ``"bf16"`` or ``"fp16"`` runs the forward pass under ``torch.autocast``;
             params, gradients and optimiser state stay in their own dtype (fp32 master weights).
             ``"fp16"`` needs ``tx`` wrapped in :func:`functrain.dynamic_loss_scale`.
+        reduce_buffers: applied to the new buffers at the end of each step; in data-parallel
+            training, ``ft.distributed.mean_over_ranks`` keeps BatchNorm statistics identical on
+            every rank (without it each rank keeps its own shard's statistics).
 
     Returns:
         ``step(state, batch) -> (state, metrics)``, where ``metrics`` holds 0-d tensors on the
@@ -305,6 +309,8 @@ def make_train_step(
             metrics.append(part_metrics)
         if microbatches > 1:
             grads = _tree.scale(grads, 1.0 / microbatches)
+        if reduce_buffers is not None:
+            buffers = reduce_buffers(buffers)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = _tree.add(state.params, updates)
         new = TrainState(params, buffers, opt_state, state.step + 1)

@@ -1,0 +1,156 @@
+"""Data parallel over torch.distributed: two gloo processes on loopback against one process on the
+combined batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+
+WORLD = 2
+STEPS = 6
+
+
+def model_and_data(batchnorm=False):
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 12, bias=not batchnorm)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(12))
+    model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(12, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(STEPS)
+    ]
+    return model, data
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def shard(batch, rank):
+    return tuple(t.chunk(WORLD)[rank] for t in batch)
+
+
+def train(tx, compile, rank=None, batchnorm=False, reduce_buffers=None):
+    model, data = model_and_data(batchnorm)
+    state = ft.TrainState.create(model, tx)
+    if rank is not None:
+        state = ft.distributed.broadcast_state(state)
+    step = ft.make_train_step(model, loss_fn, tx, compile=compile, reduce_buffers=reduce_buffers)
+    for batch in data:
+        state, _ = step(state, batch if rank is None else shard(batch, rank))
+    return state
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, scenario, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = scenario(rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(scenario, tmp_path):
+    mp.spawn(_worker, args=(free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def relative_error(a, b):
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+
+# ----------------------------------------------------------------------------- scenarios (run in each rank)
+
+
+def eager_scenario(rank):
+    adamw = lambda: ft.chain(ft.distributed.sync_gradients(), ft.adamw(lr=1e-2, weight_decay=0.1))  # noqa: E731
+    unbucketed = ft.chain(ft.distributed.sync_gradients(bucket_cap_mb=None), ft.adamw(lr=1e-2, weight_decay=0.1))
+    tiny_buckets = ft.chain(ft.distributed.sync_gradients(bucket_cap_mb=1e-4), ft.adamw(lr=1e-2, weight_decay=0.1))
+    bn_local = train(adamw(), False, rank, batchnorm=True)
+    bn_mean = train(adamw(), False, rank, batchnorm=True, reduce_buffers=ft.distributed.mean_over_ranks)
+    return {
+        "params": train(adamw(), False, rank).params,
+        "unbucketed": train(unbucketed, False, rank).params,
+        "tiny_buckets": train(tiny_buckets, False, rank).params,
+        "bn_local_mean": bn_local.buffers["1.running_mean"],
+        "bn_synced_mean": bn_mean.buffers["1.running_mean"],
+        "adam_mu": bn_mean.opt_state[1][0].mu,
+    }
+
+
+def compiled_scenario(rank):
+    tx = ft.chain(ft.distributed.sync_gradients(), ft.adamw(lr=1e-2, weight_decay=0.1))
+    return {"params": train(tx, {"backend": "inductor"}, rank).params}
+
+
+def mismatch_scenario(rank):
+    tree = {"w": torch.zeros(3 + rank)}
+    try:
+        ft.distributed.broadcast_state(tree)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": ""}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+    ranks = run_on_two_ranks(eager_scenario, tmp_path)
+    single = train(ft.adamw(lr=1e-2, weight_decay=0.1), False).params
+    for r in ranks:
+        assert relative_error(r["params"], single) <= 1e-6
+        assert relative_error(r["unbucketed"], single) <= 1e-6
+        assert relative_error(r["tiny_buckets"], single) <= 1e-6
+    # Every rank holds the same params and the same optimiser state, without ever sending the state.
+    assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in single)
+    assert all(torch.equal(ranks[0]["adam_mu"][k], ranks[1]["adam_mu"][k]) for k in ranks[0]["adam_mu"])
+    # BatchNorm statistics: kept per rank by default, averaged with reduce_buffers=mean_over_ranks.
+    assert not torch.equal(ranks[0]["bn_local_mean"], ranks[1]["bn_local_mean"])
+    torch.testing.assert_close(ranks[0]["bn_synced_mean"], ranks[1]["bn_synced_mean"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_ranks_compiled_equal_one_process(tmp_path):
+    ranks = run_on_two_ranks(compiled_scenario, tmp_path)
+    single = train(ft.adamw(lr=1e-2, weight_decay=0.1), False).params
+    for r in ranks:
+        assert relative_error(r["params"], single) <= 1e-6
+
+
+def test_ranks_that_disagree_on_shapes_fail_before_training(tmp_path):
+    for r in run_on_two_ranks(mismatch_scenario, tmp_path):
+        assert "rank 0 has ('w', (3,), 'torch.float32'), rank 1 has ('w', (4,), 'torch.float32')" in r["error"]
+
+
+def test_reducing_without_a_process_group_says_how_to_start_one():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
+        ft.chain(ft.distributed.sync_gradients(), ft.sgd(lr=0.1)).init({"w": torch.zeros(2)})
+
+
+def test_batch_size_not_divisible_by_the_world_size(monkeypatch):
+    monkeypatch.setattr(ft.distributed, "world_size", lambda: 3)
+    assert ft.distributed.per_rank_batch_size(12) == 4
+    with pytest.raises(ValueError, match="global batch size 10 is not divisible by the world size 3"):
+        ft.distributed.per_rank_batch_size(10)
