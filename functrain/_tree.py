@@ -118,7 +118,13 @@ def foreach_map(fn: Callable[..., Sequence[list[Tensor]]], *trees: Tree) -> tupl
 
 
 def scalar_for(value: float | Tensor, like: Tensor) -> float | Tensor:
-    """A hyperparameter value ready for a foreach op over tensors like ``like``."""
+    """A hyperparameter value ready for an op over tensors like ``like`` (foreach ops too).
+
+    A tensor is cast to ``like``'s dtype, so that the foreach path and the per-leaf path round the
+    same way (a foreach op and a plain op given a wider scalar tensor do not). On fp16/bf16 leaves
+    this rounds a tensor hyperparameter to 8 bits of mantissa, where a Python float is not rounded:
+    use float hyperparameters for low-precision parameters when the last bit matters.
+    """
     if isinstance(value, Tensor):
         return value.to(device=like.device, dtype=like.dtype)
     return value
@@ -199,7 +205,8 @@ def scaled_sum(a: Tree, alpha: float | Tensor, b: Tree, beta: float | Tensor) ->
             return (out,)
 
         return foreach_map(fused, a, b)[0]
-    return map(lambda x, y: x * scalar_for(alpha, x) + y * scalar_for(beta, y), a, b)
+    # In ``a``'s dtype, as the fast path returns it (``b`` may be wider, e.g. fp32 params for bf16 updates).
+    return map(lambda x, y: (x * scalar_for(alpha, x) + y * scalar_for(beta, y)).to(x.dtype), a, b)
 
 
 # ----------------------------------------------------------------------------- labelled leaves
@@ -269,14 +276,28 @@ def device_dtype_groups(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
 
 
 def all_finite(tree: Tree) -> Tensor:
-    """A 0-d bool tensor: whether every element of every leaf is finite (no host read)."""
-    flat = leaves(tree)
+    """A 0-d bool tensor: whether every element of every leaf is finite (no host read).
+
+    Eagerly, one ``_foreach_norm(inf)`` per (device, dtype) group and a single ``isfinite`` on the
+    stacked maxima (inf and NaN propagate through the max) replaces two kernels per leaf.
+    """
+    flat = [t for t in leaves(tree) if t.numel() > 0]
     if not flat:
         return torch.tensor(True)
-    return torch.stack([torch.isfinite(t).all().to(flat[0].device) for t in flat]).all()
+    device = flat[0].device
+    if fast_path_ok(flat):
+        groups = device_dtype_groups(flat)
+        maxima = [m.to(device) for group in groups for m in torch._foreach_norm(group, ord=float("inf"))]
+        return torch.isfinite(torch.stack(maxima)).all()
+    return torch.stack([torch.isfinite(t).all().to(device) for t in flat]).all()
 
 
 def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
     """``a`` where the 0-d bool ``condition`` holds, else ``b``, leaf by leaf: a branch without a
     Python ``if`` on a tensor, so it traces into one graph and never syncs with the device."""
     return map(lambda x, y: torch.where(condition.to(x.device), x, y), a, b)
+
+
+def where_or_zero(condition: Tensor, tree: Tree) -> Tree:
+    """``tree`` where the 0-d bool ``condition`` holds, else zeros: a skipped step's updates."""
+    return map(lambda x: torch.where(condition.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device)), tree)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from . import _tree
+from . import _tree, _validate
 from .base import EmptyState, GradientTransformation
 
 _HOW_TO_START = (
@@ -55,8 +55,7 @@ def is_main_process() -> bool:
 def per_rank_batch_size(global_batch_size: int) -> int:
     """The batch each rank loads for a global batch of ``global_batch_size`` (ValueError if it does not divide)."""
     n = world_size()
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise ValueError(f"per_rank_batch_size: global_batch_size must be an int >= 1, got {global_batch_size!r}")
+    _validate.integer("per_rank_batch_size", "global_batch_size", global_batch_size, 1)
     if global_batch_size % n:
         raise ValueError(
             f"per_rank_batch_size: the global batch size {global_batch_size} is not divisible by the world size "
@@ -66,6 +65,11 @@ def per_rank_batch_size(global_batch_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- reductions
+
+
+def _check_bucket_cap(owner: str, bucket_cap_mb: Any) -> None:
+    if bucket_cap_mb is not None:
+        _validate.in_range(owner, "bucket_cap_mb", bucket_cap_mb, 0.0, low_open=True)
 
 
 def _mean_flat(tensors: list[Tensor], group: Any) -> list[Tensor]:
@@ -105,6 +109,7 @@ def mean_over_ranks(tree: Any, group: Any = None, bucket_cap_mb: float | None = 
     rank; without it each rank keeps the statistics of its own shard.
     """
     _require_process_group("mean_over_ranks")
+    _check_bucket_cap("mean_over_ranks", bucket_cap_mb)
     group = dist.group.WORLD if group is None else group
     flat, spec = _tree.flatten(tree)
     floating = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.is_floating_point()]
@@ -129,8 +134,7 @@ def sync_gradients(group: Any = None, bucket_cap_mb: float | None = 25.0) -> Gra
         group: the process group (default: the world).
         bucket_cap_mb: largest bucket in megabytes, or ``None`` for one collective per tensor.
     """
-    if bucket_cap_mb is not None and not bucket_cap_mb > 0:
-        raise ValueError(f"sync_gradients: bucket_cap_mb must be > 0 or None, got {bucket_cap_mb!r}")
+    _check_bucket_cap("sync_gradients", bucket_cap_mb)
 
     def init(params):
         _require_process_group("sync_gradients")

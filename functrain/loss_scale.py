@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _tree, _validate
-from .base import GradientTransformation, OptState, register_state
+from .base import GradientTransformation, OptState, register_state, step_count
 
 
 @register_state
@@ -37,7 +37,9 @@ def dynamic_loss_scale(
     GradScaler does), and if any is non-finite returns zero updates and leaves ``tx``'s state
     unchanged (a skipped step); then it updates the scale exactly as ``GradScaler.update``.
     :func:`functrain.make_train_step` multiplies the loss by ``state.opt_state.scale`` when the
-    optimiser is wrapped in this transform, and reports it as ``metrics["loss_scale"]``.
+    optimiser holds this transform (at any depth), and reports it as ``metrics["loss_scale"]``.
+    Put it before anything that looks at gradient magnitudes (``dynamic_loss_scale(chain(clip, adam))``,
+    not ``chain(clip, dynamic_loss_scale(adam))``), just as GradScaler needs ``unscale_`` before clipping.
 
     Args:
         tx: the optimiser to drive.
@@ -64,8 +66,7 @@ def dynamic_loss_scale(
     _validate.integer(owner, "growth_interval", growth_interval, 1)
 
     def init(params):
-        leaves = _tree.leaves(params)
-        device = leaves[0].device if leaves else torch.device("cpu")
+        device = step_count(params).device
         return LossScaleState(
             torch.full((), init_scale, dtype=torch.float32, device=device),
             torch.zeros((), dtype=torch.int32, device=device),
@@ -74,10 +75,14 @@ def dynamic_loss_scale(
 
     def update(updates, state, params=None, **extra):
         inv_scale = state.scale.double().reciprocal().float()  # GradScaler.unscale_'s rounding
-        grads = _tree.map(lambda g: g * inv_scale.to(g.dtype), updates)
-        finite = _tree.all_finite(grads)
+        # A float32 multiplier: fp16 gradients keep their dtype but are unscaled in float32 maths,
+        # as GradScaler's kernel does (1/S itself underflows in fp16 for S >= 2**25).
+        grads = _tree.map(lambda g: g * inv_scale.to(g.device), updates)
         inner_updates, inner_state = tx.update(grads, state.inner_state, params, **extra)
-        updates = _tree.where(finite, inner_updates, _tree.zeros_like(inner_updates))
+        # The inner updates are checked too: in data-parallel training an overflow on another rank
+        # reaches this rank through the gradient all-reduce, and every rank must skip that step.
+        finite = _tree.all_finite(grads) & _tree.all_finite(inner_updates)
+        updates = _tree.where_or_zero(finite, inner_updates)
         inner_state = _tree.where(finite, inner_state, state.inner_state)
         scale, tracker = _next_scale(state.scale, state.growth_tracker, finite)
         return updates, LossScaleState(scale, tracker, inner_state)

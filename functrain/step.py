@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _tree, _validate
-from .base import GradientTransformation, OptState, Params, register_state
+from .base import GradientTransformation, OptState, Params, register_state, step_count
 from .loss_scale import LossScaleState
+from .wrappers._common import find_states
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
@@ -61,6 +62,11 @@ class TrainState(NamedTuple):
         writes to them, and an ``inplace`` step updates them where they lie, so the model then
         holds the trained weights.
 
+        Only parameters with ``requires_grad=True`` are ``params``: the step differentiates them
+        and ``tx`` holds state for them. Frozen parameters (``requires_grad=False``) travel with
+        the buffers, as torch.optim skips a parameter whose ``.grad`` is None: they are never
+        differentiated (no backward work) and never moved.
+
         Example:
             >>> import torch, functrain as ft
             >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.sgd(lr=0.1))
@@ -71,11 +77,11 @@ class TrainState(NamedTuple):
             raise TypeError(f"TrainState.create: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(tx, GradientTransformation):
             raise TypeError(f"TrainState.create: tx must be a GradientTransformation, got {type(tx).__name__}")
-        params = {name: p.detach() for name, p in model.named_parameters()}
-        buffers = {name: b.detach() for name, b in model.named_buffers()}
-        first = next(iter(params.values()), None)
-        device = first.device if first is not None else torch.device("cpu")
-        return cls(params, buffers, tx.init(params), torch.zeros((), dtype=torch.int64, device=device))
+        named = list(model.named_parameters())
+        params = {name: p.detach() for name, p in named if p.requires_grad}
+        frozen = {name: p.detach() for name, p in named if not p.requires_grad}
+        buffers = {**frozen, **{name: b.detach() for name, b in model.named_buffers()}}
+        return cls(params, buffers, tx.init(params), step_count(params or buffers))
 
 
 def stack_states(states: Sequence[Any]) -> Any:
@@ -189,6 +195,8 @@ class _Forward:
             try:
                 out = self._run(params, buffers, batch)
             except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                if type(error) not in (RuntimeError, TypeError, ValueError, IndexError):
+                    raise  # a user's own exception class may not take a single message
                 raise type(error)(f"{self.owner}: the model or loss_fn rejected the batch: {error}") from error
         loss, metrics = _split_output(self.owner, out)
         return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss, metrics
@@ -219,7 +227,11 @@ def _microbatches(owner: str, batch: Batch, k: int) -> list[Batch]:
 
 
 def _mean(values: list[Tensor]) -> Tensor:
-    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+    """The mean over microbatches; integer metrics (counts) are averaged as floats."""
+    if len(values) == 1:
+        return values[0]
+    stacked = torch.stack(values)
+    return (stacked if stacked.is_floating_point() else stacked.to(torch.get_default_dtype())).mean(0)
 
 
 def make_train_step(
@@ -368,9 +380,12 @@ def _check_step_args(owner: str, model: Any, loss_fn: Any, compile: Any, precisi
 
 
 def _loss_scale_of(opt_state: OptState, precision: str | None) -> Tensor | None:
-    """The current loss scale when the optimiser is wrapped in ``dynamic_loss_scale``."""
-    if isinstance(opt_state, LossScaleState):
-        return opt_state.scale
+    """The current loss scale when the optimiser holds a ``dynamic_loss_scale`` (at any depth)."""
+    found = find_states(opt_state, LossScaleState)
+    if len(found) > 1:
+        raise ValueError(f"train step: the optimiser holds {len(found)} dynamic_loss_scale wrappers; use one")
+    if found:
+        return found[0].scale
     if precision == "fp16":
         raise ValueError(
             "train step: precision='fp16' needs loss scaling against gradient underflow: build the "

@@ -462,3 +462,89 @@ def test_compiled_inplace_step_writes_into_the_state():
     state, _ = run_steps(step, state, data)
     assert [t.data_ptr() for t in _tree.leaves(state)] == pointers
     assert_trees_equal(state.params, pure.params, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+def test_frozen_parameters_are_not_trained_and_hold_no_optimiser_state():
+    """requires_grad=False: torch.optim skips the parameter (its .grad is None); so does the step."""
+    data = batches(4)
+    model = mlp(batchnorm=False)
+    model[0].weight.requires_grad_(False)
+    tx = ft.adamw(lr=1e-2, weight_decay=0.1)
+    state = ft.TrainState.create(model, tx)
+    assert "0.weight" not in state.params and "0.weight" in state.buffers
+    assert "0.weight" not in state.opt_state[0].mu
+    state, _ = run_steps(ft.make_train_step(model, classification, tx), state, data)
+    reference = mlp(batchnorm=False)
+    reference[0].weight.requires_grad_(False)
+    params, _ = run_torch(reference, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), data)
+    assert torch.equal(state.buffers["0.weight"], params["0.weight"].detach())
+    expected = {k: v.detach() for k, v in params.items() if v.requires_grad}
+    assert_trees_equal(state.params, expected, rtol=1e-10)
+
+
+def test_a_nested_loss_scaler_is_found_and_used():
+    model = mlp(batchnorm=False)
+    plain = ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(lr=0.1))
+    # The scaler must see the gradients first (a clip before it would clip scaled gradients), but
+    # it may sit inside other wrappers: here apply_if_finite.
+    nested = ft.apply_if_finite(ft.dynamic_loss_scale(plain, init_scale=1024.0), max_consecutive_errors=3)
+    data = batches(3)
+    expected, _ = run_steps(ft.make_train_step(model, classification, plain), ft.TrainState.create(model, plain), data)
+    scaled, metrics = run_steps(
+        ft.make_train_step(model, classification, nested), ft.TrainState.create(model, nested), data
+    )
+    assert metrics["loss_scale"].item() == 1024.0
+    assert_trees_equal(scaled.params, expected.params, rtol=1e-12)
+
+
+def test_loss_scale_skips_a_step_whose_inner_updates_overflow():
+    """Data parallel: another rank's overflow reaches this rank through the all-reduce, after the
+    local gradients were found finite; the step must still be skipped and the scale backed off."""
+    poisoned = ft.GradientTransformation(
+        lambda p: ft.EmptyState(), lambda u, s, p=None, **e: ({k: v + float("inf") for k, v in u.items()}, s)
+    )
+    tx = ft.dynamic_loss_scale(ft.chain(poisoned, ft.sgd(lr=0.1)), init_scale=8.0)
+    params = {"w": torch.zeros(2)}
+    updates, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+    assert torch.equal(updates["w"], torch.zeros(2)) and state.scale.item() == 4.0
+
+
+def test_fp16_gradients_are_unscaled_in_float32():
+    """1/S underflows in fp16 for S >= 2**25; the unscale must not zero every update."""
+    tx = ft.dynamic_loss_scale(ft.sgd(lr=1.0), init_scale=2.0**25)
+    params = {"w": torch.zeros(2, dtype=torch.float16)}
+    grads = {"w": torch.full((2,), 2.0**15, dtype=torch.float16)}  # a true gradient of 2**-10
+    updates, _ = tx.update(grads, tx.init(params), params)
+    expected = torch.full((2,), -(2.0**-10), dtype=torch.float16)
+    assert updates["w"].dtype == torch.float16 and torch.equal(updates["w"], expected)
+
+
+def test_integer_metrics_are_averaged_over_microbatches():
+    model = mlp(batchnorm=False)
+    tx = ft.sgd(lr=0.1)
+
+    def counting(model, batch):
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits, y), {"correct": (logits.argmax(-1) == y).sum()}
+
+    state = ft.TrainState.create(model, tx)
+    _, whole = ft.make_train_step(model, counting, tx)(state, batches(1)[0])
+    _, parts = ft.make_train_step(model, counting, tx, microbatches=2)(state, batches(1)[0])
+    assert parts["correct"].item() == whole["correct"].item() / 2
+
+
+def test_a_users_own_exception_class_reaches_them_unchanged():
+    class BadShape(ValueError):
+        def __init__(self, got, want):
+            super().__init__(f"got {got}, want {want}")
+
+    def strict(model, batch):
+        raise BadShape(batch[0].shape[1], 7)
+
+    model, tx = mlp(batchnorm=False), ft.sgd(lr=0.1)
+    with pytest.raises(BadShape, match="got 6, want 7"):
+        ft.make_train_step(model, strict, tx)(ft.TrainState.create(model, tx), batches(1)[0])
