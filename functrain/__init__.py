@@ -64,6 +64,7 @@ from .wrappers import (
     ema_params_of as ema_params_of,
     inject_hyperparams as inject_hyperparams,
     lookahead as lookahead,
+    set_hyperparams as set_hyperparams,
 )
 
 __all__ = [
@@ -121,6 +122,7 @@ __all__ = [
     "schedule_free_adamw",
     "schedule_free_eval_params",
     "schedules",
+    "set_hyperparams",
     "set_to_zero",
     "sgd",
     "stack_states",

@@ -70,11 +70,23 @@ def in_range(
 
 
 def _describe(low, high, low_open, high_open) -> str:
+    if low is None and high is None:
+        return "a number (not NaN)"
     if high is None:
         return f"{'>' if low_open else '>='} {low:g}"
     if low is None:
         return f"{'<' if high_open else '<='} {high:g}"
     return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def not_a_schedule(owner: str, name: str, value: Any) -> None:
+    """TypeError for a schedule passed where only a float or a 0-d tensor works (a transform with no
+    step count of its own), saying how to schedule it instead."""
+    if callable(value):
+        raise TypeError(
+            f"{owner}: {name} must be a float or a 0-d tensor, got a schedule ({type(value).__name__}); to change "
+            f"it over training, wrap the factory: ft.inject_hyperparams(ft.{owner})(..., {name}=schedule)"
+        )
 
 
 def integer(owner: str, name: str, value: Any, low: int, high: int | None = None) -> int:

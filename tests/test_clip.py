@@ -218,3 +218,16 @@ def test_clip_masked_and_masked_decay_compile_once_and_equal_eager(compiled_clip
     assert relative_error(params, eager[0]) <= 1e-5
     assert relative_error(state[1].inner_state[0].mu, eager[1][1].inner_state[0].mu) <= 1e-5
     assert sorted(state[1].inner_state[0].mu) == ["t", "w"]  # adamw holds moments for the masked leaves only
+
+
+@pytest.mark.parametrize("factory", [ft.clip, ft.clip_by_global_norm], ids=["clip", "clip_by_global_norm"])
+def test_a_schedule_is_refused_by_the_factory_and_works_through_inject_hyperparams(factory):
+    schedule = lambda count: (count + 1).to(torch.float64)  # noqa: E731
+    with pytest.raises(TypeError, match="float or a 0-d tensor.*inject_hyperparams"):
+        factory(schedule)
+    tx = ft.inject_hyperparams(factory)(schedule)
+    state = tx.init({"w": torch.ones(1)})
+    for bound in [1.0, 2.0, 3.0]:
+        updates, state = tx.update({"w": torch.full((1,), 10.0)}, state)
+        expected, _ = factory(bound).update({"w": torch.full((1,), 10.0)}, ft.EmptyState())
+        assert torch.equal(updates["w"], expected["w"])

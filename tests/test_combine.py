@@ -385,3 +385,48 @@ def test_masked_decay_leaves_the_unselected_updates_untouched_on_both_paths(monk
 def test_negative_weight_decay_is_named():
     with pytest.raises(ValueError, match=r"add_decayed_weights: weight_decay must be >= 0"):
         ft.transforms.add_decayed_weights(-0.1)
+
+
+def test_partition_names_transforms_when_it_is_not_a_dict():
+    with pytest.raises(TypeError, match="transforms must be a dict label -> GradientTransformation"):
+        ft.partition([ft.sgd(lr=0.1)], lambda name, p: 0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ft.partition({"a": ft.sgd(lr=1.0), "b": ft.set_to_zero()}, {"a": "a", "b": "b"}),
+        lambda: ft.masked(ft.sgd(lr=1.0), {"a": True, "b": False}),
+    ],
+    ids=["partition", "masked"],
+)
+def test_updates_of_another_structure_than_the_params_are_refused(make):
+    """Updates in another key order would otherwise be routed by position, to the wrong parameters."""
+    tx = make()
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    grads = {"b": torch.full((2,), 5.0), "a": torch.ones(2)}
+    with pytest.raises(_tree.TreeMismatchError, match="updates and params"):
+        tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("which", ["partition", "masked"])
+def test_labels_are_computed_once_per_tree_signature(which):
+    calls = []
+
+    def label(name, p):
+        calls.append(name)
+        return p.ndim >= 2
+
+    if which == "partition":
+        tx = ft.partition({True: ft.sgd(lr=0.1), False: ft.set_to_zero()}, label)
+    else:
+        tx = ft.masked(ft.sgd(lr=0.1), label)
+    params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(gradient(params, 0), state, params)
+    assert calls == ["w", "b"]
+    assert torch.equal(updates["b"], torch.zeros(2) if which == "partition" else gradient(params, 0)["b"])
+    other = {"w": torch.ones(2, 2), "b": torch.ones(3)}  # a new signature is labelled afresh
+    tx.update(gradient(other, 0), tx.init(other), other)
+    assert calls == ["w", "b", "w", "b"]

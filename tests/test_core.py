@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import pytest
@@ -178,3 +179,165 @@ def test_changing_injected_lr_never_recompiles():
             params, state = step(params, state, gradient(params, t + 1))
             moved.append(any(not torch.equal(before[k], params[k]) for k in params))
     assert moved == [True, True, False]  # the new lr took effect: lr=0 leaves the params where they were
+
+
+def _every_registry_case():
+    from .registry import SPECS
+
+    return [
+        pytest.param(spec, kwargs, id=f"{spec.name}-{i}") for spec in SPECS for i, kwargs in enumerate(spec.cases())
+    ]
+
+
+@pytest.mark.parametrize("spec,kwargs", _every_registry_case())
+def test_injecting_every_hyperparameter_keeps_every_optimisers_trajectory(spec, kwargs):
+    """With the defaults injected too, each optimiser (every registry option) takes the plain one's steps."""
+    # Tensor ns_coefficients leave torch.addmm for a float32 sum (bf16 ulps apart; see transforms/_muon.py).
+    static = ("ns_coefficients",) if spec.name == "muon" else ()
+    injected = ft.inject_hyperparams(spec.make, static_args=static)(**kwargs)
+    params = make_params(matrices_only=spec.matrices_only)
+    state = injected.init(params)
+    numeric = [
+        p.name for p in inspect.signature(spec.make).parameters.values() if isinstance(p.default, (float, tuple))
+    ]
+    expected = {n for n in numeric if n not in static and (n in kwargs or _default(spec.make, n) != 0.0)}
+    assert set(state.hyperparams) == expected
+    assert relative_error(run_functrain(injected, params, 10), run_functrain(spec.make(**kwargs), params, 10)) <= 1e-15
+
+
+def _default(factory, name):
+    return inspect.signature(factory).parameters[name].default
+
+
+def test_int_values_for_float_hyperparameters_are_injected_as_float64():
+    tx = ft.inject_hyperparams(ft.adamw)(lr=1, weight_decay=0)
+    state = tx.init({"w": torch.ones(2)})
+    assert set(state.hyperparams) == {"lr", "betas", "eps", "weight_decay"}
+    assert state.hyperparams["lr"].dtype == torch.float64 and float(state.hyperparams["lr"]) == 1.0
+    assert float(state.hyperparams["weight_decay"]) == 0.0
+    # A genuinely integer argument stays static.
+    muon = ft.inject_hyperparams(ft.muon, static_args=("ns_coefficients",))(lr=0.1, ns_steps=3)
+    assert "ns_steps" not in muon.init({"w": torch.ones(2, 2)}).hyperparams
+
+
+def test_zero_defaults_stay_static_so_the_structure_is_the_plain_ones():
+    """sgd's momentum=0 default builds no momentum buffer; given explicitly, it is injected (and one is kept)."""
+    params = {"w": torch.ones(2)}
+    default = ft.inject_hyperparams(ft.sgd)(lr=0.1).init(params)
+    assert set(default.hyperparams) == {"lr"}
+    assert _tree.structure(default.inner_state) == _tree.structure(ft.sgd(lr=0.1).init(params))
+    explicit = ft.inject_hyperparams(ft.sgd)(lr=0.1, momentum=0.0).init(params)
+    assert set(explicit.hyperparams) == {"lr", "momentum"}
+
+
+def test_a_transformation_argument_is_static_and_varargs_pass_through():
+    params = make_params()
+    tx = ft.inject_hyperparams(ft.lookahead)(ft.sgd(lr=0.1), sync_period=2, alpha=0.5)
+    assert set(tx.init(params).hyperparams) == {"alpha"}
+    plain = ft.lookahead(ft.sgd(lr=0.1), sync_period=2, alpha=0.5)
+    assert relative_error(run_functrain(tx, params, 5), run_functrain(plain, params, 5)) == 0
+    params = {"w": torch.zeros(1)}
+    chained = ft.inject_hyperparams(ft.chain)(ft.transforms.scale(2.0), ft.transforms.scale(3.0))
+    updates, _ = chained.update({"w": torch.ones(1)}, chained.init(params))
+    assert torch.equal(updates["w"], torch.full((1,), 6.0))
+
+
+def test_unknown_arguments_and_non_factories_name_the_factory():
+    with pytest.raises(
+        TypeError, match=r"inject_hyperparams\(adam\): unexpected argument 'bogus'; adam takes lr, betas"
+    ):
+        ft.inject_hyperparams(ft.adam)(bogus=1)
+    with pytest.raises(TypeError, match=r"inject_hyperparams\(sgd\): .*sgd takes lr"):
+        ft.inject_hyperparams(ft.sgd)(0.1, 0.9, 0.0, 0.0, False, False, 3)
+    with pytest.raises(TypeError, match="factory must be a function"):
+        ft.inject_hyperparams(ft.adam(lr=0.1))
+
+
+def test_a_schedule_is_validated_at_count_zero():
+    with pytest.raises(ValueError, match="lr"):
+        ft.inject_hyperparams(ft.adam)(lr=lambda count: count * 0.0 - 1.0)
+
+
+def test_set_hyperparams_replaces_values_inside_a_nested_state():
+    params = {"w": torch.ones(3)}
+    tx = ft.chain(ft.clip_by_global_norm(10.0), ft.inject_hyperparams(ft.adam)(lr=0.1))
+    state = tx.init(params)
+    new = ft.set_hyperparams(state, lr=1, betas=(0.5, torch.tensor(0.9, dtype=torch.float64)))
+    injected = new[1]
+    assert injected.hyperparams["lr"].dtype == torch.float64 and injected.hyperparams["lr"].shape == ()
+    assert [float(b) for b in injected.hyperparams["betas"]] == [0.5, 0.9]
+    assert float(state[1].hyperparams["lr"]) == 0.1  # the input is left as it was
+    assert new[0] is state[0] and new[1].inner_state is state[1].inner_state  # the rest is shared
+    updates, _ = tx.update({"w": torch.ones(3)}, new, params)
+    expected, _ = ft.adam(lr=1.0, betas=(0.5, 0.9)).update({"w": torch.ones(3)}, state[1].inner_state, params)
+    assert torch.equal(updates["w"], expected["w"])
+    with pytest.raises(ValueError, match=r"'lrr'.*\['betas', 'eps', 'lr'\]"):
+        ft.set_hyperparams(state, lrr=0.1)
+    with pytest.raises(ValueError, match="exactly one InjectHyperparamsState"):
+        ft.set_hyperparams(ft.adam(lr=0.1).init(params), lr=0.1)
+    with pytest.raises(TypeError, match="schedule"):
+        ft.set_hyperparams(state, lr=lambda count: 0.1)
+
+
+def test_eager_updates_reuse_the_inner_transformation_until_a_value_is_replaced(monkeypatch):
+    """The factory runs at build, at init, and again only when the state's hyperparameter tensors change."""
+    calls = []
+
+    def factory(lr: float = 0.1):
+        calls.append(lr)
+        return ft.transforms.scale(-lr)
+
+    tx = ft.inject_hyperparams(factory)()
+    params = {"w": torch.ones(2)}
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update({"w": torch.ones(2)}, state, params)
+    assert len(calls) == 2  # the build-time check, then init; the updates reuse init's transform
+    state = ft.set_hyperparams(state, lr=0.5)
+    for _ in range(2):
+        updates, state = tx.update({"w": torch.ones(2)}, state, params)
+    assert len(calls) == 3 and torch.equal(updates["w"], torch.full((2,), -0.5))
+    scheduled = ft.inject_hyperparams(factory)(lr=lambda count: 0.1 * (count + 1).to(torch.float64))
+    state = scheduled.init(params)
+    steps = []
+    for _ in range(3):
+        updates, state = scheduled.update({"w": torch.ones(2)}, state, params)
+        steps.append(float(updates["w"][0]))
+    assert steps == pytest.approx([-0.1, -0.2, -0.3])
+
+
+def test_schedulable_only_schedules_numeric_hyperparameters():
+    """A mask function is not a schedule: add_decayed_weights(mask=fn) stays a plain transform."""
+    decay = ft.transforms.add_decayed_weights(0.1, mask=lambda name, p: p.ndim >= 2)
+    assert not isinstance(decay.init({"w": torch.ones(2, 2)}), InjectHyperparamsState)
+    is_hp = ft.wrappers._inject.is_hyperparameter
+    params = inspect.signature(ft.muon).parameters
+    assert is_hp(params["lr"], 1) and is_hp(params["lr"], lambda c: c) and not is_hp(params["ns_steps"], 5)
+    assert not is_hp(inspect.signature(ft.clip_by_global_norm).parameters["norm_type"], 2.0)
+    assert not is_hp(inspect.signature(ft.lookahead).parameters["tx"], ft.sgd(lr=0.1))
+
+
+@pytest.mark.slow
+def test_set_hyperparams_between_compiled_updates_never_recompiles():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    tx = ft.inject_hyperparams(ft.sgd)(lr=0.1)
+    params = {"w": torch.ones(3)}
+    update = torch.compile(tx.update, backend=counter, fullgraph=True)
+    state = tx.init(params)
+    updates, state = update({"w": torch.ones(3)}, state, params)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for lr in [1e-4, 2, 0.5]:
+            state = ft.set_hyperparams(state, lr=lr)
+            updates, state = update({"w": torch.ones(3)}, state, params)
+            assert torch.allclose(updates["w"], torch.full((3,), -float(lr)))
+    assert counter.frame_count == 1
+
+
+def test_an_unbounded_check_names_nan_instead_of_failing_to_format():
+    from functrain import _validate
+
+    with pytest.raises(ValueError, match=r"owner: x must be a number \(not NaN\), got nan"):
+        _validate.in_range("owner", "x", float("nan"))

@@ -401,3 +401,25 @@ def test_adapter_rejects_groups_and_mismatched_state():
         opt.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="opt_state_from_torch"):
         opt.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
+
+
+def test_torch_optimizer_shows_every_injected_hyperparameter_and_names_missing_ones():
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = ft.TorchOptimizer([w], ft.inject_hyperparams(ft.adam)(lr=1))
+    group = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "param_names")}
+    assert group == {"lr": 1.0, "betas": (0.9, 0.999), "eps": 1e-8}  # torch.optim.Adam's defaults, as numbers
+    plain = ft.TorchOptimizer([w], ft.adam(lr=0.1))
+    with pytest.raises(KeyError, match=r"has no 'lr'.*ft.inject_hyperparams"):
+        torch.optim.lr_scheduler.StepLR(plain, 1)
+    plain.load_state_dict(plain.state_dict())
+    with pytest.raises(KeyError, match="ft.inject_hyperparams"):
+        plain.param_groups[0]["lr"]
+
+
+def test_int_group_values_become_floats_only_for_float_hyperparameters():
+    from functrain.interop._convert import _factory_kwargs
+
+    kwargs = _factory_kwargs(ft.schedule_free_adamw, {"lr": 1, "weight_decay": 0, "warmup_steps": 10, "foreach": None})
+    assert kwargs == {"lr": 1.0, "weight_decay": 0.0, "warmup_steps": 10}
+    assert isinstance(kwargs["lr"], float) and isinstance(kwargs["warmup_steps"], int)
+    assert isinstance(_factory_kwargs(ft.muon, {"ns_steps": 5})["ns_steps"], int)

@@ -379,3 +379,38 @@ def test_too_many_non_finite_steps_raise_compiled_as_in_eager(composed):
     # Windows 1-3 end at calls 1, 3, 5 with counts 1-3 (allowed); the 4th window would end at
     # call 7 with count 4 > 3, and its first micro-step (call 6) already computes that count.
     assert eager_call == compiled_call == 6
+
+
+def test_lookahead_refuses_a_schedule_for_alpha():
+    with pytest.raises(TypeError, match="alpha must be a float or a 0-d tensor"):
+        ft.lookahead(ft.sgd(lr=0.1), alpha=lambda count: count * 0.0 + 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "decay",
+    [0.9, torch.tensor(0.99, dtype=torch.float64), lambda count: 0.5 + 0.1 * (count % 2).to(torch.float64)],
+    ids=["float", "tensor", "schedule"],
+)
+def test_ema_multi_tensor_lerp_equals_the_per_leaf_reference(dtype, decay, monkeypatch):
+    def run():
+        tx = ft.chain(ft.sgd(lr=0.1), ft.ema_params(decay))
+        params = make_params(dtype)
+        state = tx.init(params)
+        for t in range(4):
+            updates, state = tx.update(gradient(params, t), state, params)
+            params = ft.apply_updates(params, updates)
+        return ft.ema_params_of(state), params
+
+    fast, _ = run()
+    monkeypatch.setattr(_tree, "fast_path_ok", lambda leaves: False)
+    reference, _ = run()
+    assert all(torch.equal(fast[k], reference[k]) and fast[k].dtype == dtype for k in fast)
+
+
+def test_ema_first_update_copies_the_params_exactly_on_the_fast_path():
+    params = {"w": torch.randn(1000)}
+    tx = ft.ema_params(0.999)
+    updates = {"w": torch.randn(1000)}
+    _, state = tx.update(updates, tx.init(params), params)
+    assert torch.equal(state.ema["w"], ft.apply_updates(params, updates)["w"])

@@ -17,8 +17,11 @@ class TorchOptimizer(torch.optim.Optimizer):
     """Runs a functrain transformation as a ``torch.optim.Optimizer``, for imperative training loops.
 
     ``step()`` reads each parameter's ``.grad``, runs ``tx.update(grads, opt_state, params)`` and
-    adds the updates to the parameters in place (under ``torch.no_grad``); ``zero_grad``, hooks
-    and ``lr_scheduler`` work as for any torch optimiser. Any composition works unchanged
+    adds the updates to the parameters in place (under ``torch.no_grad``); ``zero_grad`` and hooks
+    work as for any torch optimiser, and so does an ``lr_scheduler`` when ``tx`` is built by
+    ``ft.inject_hyperparams`` (the scheduler reads and writes ``param_groups[0]["lr"]``, which
+    only an injected ``tx`` has; otherwise it raises a ``KeyError`` that says so, and a functrain
+    schedule, ``ft.adam(lr=ft.schedules.step_lr(...))``, does the same job). Any composition works unchanged
     (``ft.partition`` with a ``(name, tensor) -> label`` function sees the names when the
     parameters are given as ``model.named_parameters()``; otherwise ``p0, p1, ...``).
 
@@ -29,10 +32,12 @@ class TorchOptimizer(torch.optim.Optimizer):
       leaving them out, or with ``ft.partition(..., {"frozen": ft.set_to_zero()})``.
     - There is one param group, and ``add_param_group`` is not supported; per-group settings
       belong in ``tx`` (``ft.partition``).
-    - When ``tx`` is built by ``ft.inject_hyperparams``, its hyperparameters appear in
-      ``param_groups[0]`` (``"lr"``, ``"betas"``, ...) as Python numbers, and a value written there
-      (by you or an ``lr_scheduler``) is copied into the state before the next step. Values that
-      the state changes itself (schedules passed to ``inject_hyperparams``) are not copied back.
+    - When ``tx`` is built by ``ft.inject_hyperparams``, its hyperparameters (every numeric one of
+      the factory: ``"lr"``, ``"betas"``, ``"eps"``, ...) appear in ``param_groups[0]`` as Python
+      numbers, and a value written there (by you or an ``lr_scheduler``) is copied into the state
+      before the next step. Values that the state changes itself (schedules passed to
+      ``inject_hyperparams``) are not copied back. Reading a hyperparameter that ``tx`` does not
+      inject raises a ``KeyError`` naming the ones it has.
     - ``state_dict()`` holds the whole ``opt_state`` tree under ``["state"]["opt_state"]``; it
       loads with ``torch.load(..., weights_only=True)`` and back into a ``TorchOptimizer`` over
       the same transformation. Convert to a torch.optim optimiser with :func:`load_into_torch`.
@@ -78,6 +83,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             self.opt_state = tx.init(self._params())
         self._synced = self._hyperparameters()
         group.update(self._synced)
+        self.param_groups[0] = _ParamGroup(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._ready:
@@ -157,8 +163,27 @@ class TorchOptimizer(torch.optim.Optimizer):
             lambda new, old: new.detach().to(device=old.device, dtype=old.dtype, copy=True), loaded, self.opt_state
         )
         super().load_state_dict({**state_dict, "state": {}})
+        self.param_groups[0] = _ParamGroup(self.param_groups[0])
         self.opt_state = opt_state
         self._synced = self._hyperparameters()
+
+
+class _MissingHyperparameter(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message as a quoted repr
+        return str(self.args[0])
+
+
+class _ParamGroup(dict):
+    """The one param group; a key it lacks (``"lr"`` read by an ``lr_scheduler``) raises a KeyError saying why."""
+
+    def __missing__(self, key: Any) -> Any:
+        held = sorted(k for k in self if k not in ("params", "param_names"))
+        raise _MissingHyperparameter(
+            f"TorchOptimizer: param_groups[0] has no {key!r}: only hyperparameters injected with "
+            f"ft.inject_hyperparams appear there (this tx has {held}). Build tx as "
+            f"ft.inject_hyperparams(ft.adam)(lr=...) to read or schedule them through param_groups, "
+            f"or pass a schedule to the optimiser (ft.adam(lr=ft.schedules.step_lr(...)))"
+        )
 
 
 def _python(value: Any) -> Any:

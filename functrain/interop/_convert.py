@@ -13,6 +13,7 @@ from .. import _tree, optimisers
 from ..base import EmptyState, GradientTransformation, OptState, Params
 from ..combine import MaskedState, PartitionState, partition
 from ..wrappers import InjectHyperparamsState
+from ..wrappers._inject import is_hyperparameter
 from ._tables import _DERIVED, _Field, _Mirror, _mirror_of, _scalar_dtype, _torch_name
 
 # ----------------------------------------------------------------------------- parameters and groups
@@ -57,20 +58,22 @@ def _names_of(optimizer: torch.optim.Optimizer, named_params: Mapping[str, Tenso
     return [by_id[id(p)] for p in tensors]
 
 
-def _plain(name: str, value: Any) -> Any:
-    """A param group's value as a functrain factory argument: ints become floats (torch's defaults
-    write e.g. ``weight_decay=0``), except the integer ``ns_steps``; 0-d tensors become floats."""
+def _plain(param: inspect.Parameter, value: Any) -> Any:
+    """A param group's value as a functrain factory argument: 0-d tensors become floats, and so do
+    ints given for a float hyperparameter (torch's defaults write e.g. ``weight_decay=0``); an
+    integer argument (``ns_steps``) stays an int. ``is_hyperparameter`` is inject_hyperparams' policy."""
     if isinstance(value, tuple):
-        return tuple(_plain(name, v) for v in value)
+        return tuple(_plain(param, v) for v in value)
     if isinstance(value, Tensor) and value.numel() == 1:
         return float(value.item())
-    if isinstance(value, int) and not isinstance(value, bool) and name != "ns_steps":
+    if isinstance(value, int) and not isinstance(value, bool) and is_hyperparameter(param, value):
         return float(value)
     return value
 
 
 def _factory_kwargs(factory: Callable, group: dict) -> dict[str, Any]:
-    return {name: _plain(name, group[name]) for name in inspect.signature(factory).parameters if name in group}
+    parameters = inspect.signature(factory).parameters
+    return {name: _plain(param, group[name]) for name, param in parameters.items() if name in group}
 
 
 # ----------------------------------------------------------------------------- walking a state tree

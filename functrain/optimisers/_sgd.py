@@ -53,9 +53,11 @@ def sgd(
     _validate.in_range("sgd", "lr", lr, 0.0)
     _validate.in_range("sgd", "momentum", momentum, 0.0)
     _validate.in_range("sgd", "weight_decay", weight_decay, 0.0)
-    if nesterov and not (nonzero(momentum) and not nonzero(dampening)):
+    if nesterov and not nonzero(momentum):
         raise ValueError("sgd: nesterov=True requires momentum > 0 and dampening == 0")
     if nesterov:
+        # Checked by value, not by type: a 0-d tensor dampening of 0 (inject_hyperparams) is allowed.
         _validate.in_range("sgd", "momentum (with nesterov=True)", momentum, 0.0, low_open=True)
+        _validate.in_range("sgd", "dampening (with nesterov=True)", dampening, 0.0, 0.0)
     momentum_tx = trace(momentum, nesterov=nesterov, dampening=dampening) if nonzero(momentum) else None
     return descent(momentum_tx, lr=lr, maximize=maximize, weight_decay=weight_decay)

@@ -15,7 +15,8 @@ def clip(max_delta: float | Tensor) -> GradientTransformation:
     Equal to ``torch.nn.utils.clip_grad_value_(params, max_delta)``; optax's ``clip``. Holds no state.
 
     Args:
-        max_delta: the largest magnitude an element keeps, ``>= 0`` (a float or a 0-d tensor).
+        max_delta: the largest magnitude an element keeps, ``>= 0`` (a float or a 0-d tensor; to
+            schedule it, ``ft.inject_hyperparams(ft.clip)(max_delta=schedule)``).
 
     Example:
         >>> import torch, functrain as ft
@@ -23,6 +24,7 @@ def clip(max_delta: float | Tensor) -> GradientTransformation:
         >>> tx.update({"w": torch.tensor([-3.0, 0.5, 2.0])}, tx.init({}))[0]
         {'w': tensor([-1.0000,  0.5000,  1.0000])}
     """
+    _validate.not_a_schedule("clip", "max_delta", max_delta)
     _validate.in_range("clip", "max_delta", max_delta, 0.0)
 
     def init(params):
@@ -110,7 +112,8 @@ def clip_by_global_norm(max_norm: float | Tensor, norm_type: float | str = 2.0) 
     steps is the job of ``apply_if_finite``.
 
     Args:
-        max_norm: the largest global norm kept, ``>= 0`` (a float or a 0-d tensor).
+        max_norm: the largest global norm kept, ``>= 0`` (a float or a 0-d tensor; to schedule it,
+            ``ft.inject_hyperparams(ft.clip_by_global_norm)(max_norm=schedule)``).
         norm_type: the order ``p > 0`` of the norm; ``float("inf")`` (or ``"inf"``) for the max-norm.
 
     Example:
@@ -124,6 +127,7 @@ def clip_by_global_norm(max_norm: float | Tensor, norm_type: float | str = 2.0) 
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
         ICML 2013 (https://arxiv.org/abs/1211.5063).
     """
+    _validate.not_a_schedule("clip_by_global_norm", "max_norm", max_norm)
     _validate.in_range("clip_by_global_norm", "max_norm", max_norm, 0.0)
     norm_type = _norm_order("clip_by_global_norm", norm_type)
 

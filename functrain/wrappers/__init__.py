@@ -1,6 +1,6 @@
 """Wrappers: transformations that change how another transformation is driven, and what it keeps.
 
-``inject_hyperparams`` / ``schedulable`` (hyperparameters as state tensors), ``accumulate``
+``inject_hyperparams`` / ``schedulable`` / ``set_hyperparams`` (hyperparameters as state tensors), ``accumulate``
 (gradient accumulation), ``apply_if_finite`` (skip non-finite steps), ``ema_params`` (an EMA of the
 params) and ``lookahead`` (slow and fast weights). Every choice between steps is a ``torch.where``,
 so each compiles into one graph.
@@ -17,5 +17,6 @@ from ._inject import (
     InjectHyperparamsState as InjectHyperparamsState,
     inject_hyperparams as inject_hyperparams,
     schedulable as schedulable,
+    set_hyperparams as set_hyperparams,
 )
 from ._lookahead import LookaheadState as LookaheadState, lookahead as lookahead

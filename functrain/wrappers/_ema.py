@@ -65,12 +65,32 @@ def ema_params(decay: Hyperparameter = 0.999) -> GradientTransformation:
         new_params = _tree.add(params, updates)  # exactly what apply_updates will produce
         weight = 1 - value_at(decay, state.count)
         first = state.count == 0  # AveragedModel copies then, rather than lerping with weight 1
-        ema = _tree.map(
-            lambda e, p: torch.where(first, p, torch.lerp(e, p, _tree.scalar_for(weight, e))), state.ema, new_params
-        )
+        if _tree.fast_path_ok(_tree.leaves(state.ema)):
+            # One multi-tensor lerp per (device, dtype) group, its weight 1 on the first update:
+            # lerp(e, p, 1) computes p - (p - e) * 0, which is p exactly for finite e (the copy).
+            weight_now = torch.where(first, 1.0, torch.as_tensor(weight, dtype=torch.float64, device=first.device))
+
+            def lerp(es, ps):
+                if es[0].dtype in (torch.float16, torch.bfloat16) and not isinstance(weight, Tensor):
+                    # A float weight in a half-precision lerp rounds differently from a tensor one: per leaf.
+                    return ([torch.where(first, p, _lerp(e, p, weight)) for e, p in zip(es, ps)],)
+                return (torch._foreach_lerp(es, ps, _tree.scalar_for(weight_now, es[0])),)
+
+            return updates, EmaParamsState(count=state.count + 1, ema=_tree.foreach_map(lerp, state.ema, new_params)[0])
+        ema = _tree.map(lambda e, p: torch.where(first, p, _lerp(e, p, weight)), state.ema, new_params)
         return updates, EmaParamsState(count=state.count + 1, ema=ema)
 
     return GradientTransformation(init, update)
+
+
+def _lerp(start: Tensor, end: Tensor, weight: float | Tensor) -> Tensor:
+    """``torch.lerp`` as torch computes it for a Python-float weight: a tensor weight stays float32
+    for bf16/fp16 leaves (rounding it to 8 bits would move the average), so those lerp in float32
+    and round once, which is what the low-precision kernel (and ``_foreach_lerp``) does inside."""
+    w = _tree.scalar_for(weight, start)
+    if isinstance(w, Tensor) and w.dtype != start.dtype:
+        return torch.lerp(start.float(), end.float(), w).to(start.dtype)
+    return torch.lerp(start, end, w)
 
 
 def ema_params_of(opt_state: OptState) -> Params:

@@ -1,9 +1,10 @@
-"""inject_hyperparams and schedulable: hyperparameters as tensors in the optimiser state."""
+"""inject_hyperparams, schedulable and set_hyperparams: hyperparameters as tensors in the optimiser state."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..base import GradientTransformation, OptState, register_state, step_count
+from ._common import find_one_state
 
 
 @register_state
@@ -20,22 +22,77 @@ class InjectHyperparamsState(NamedTuple):
     inner_state: OptState
 
 
-def _is_numeric(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, (float, Tensor)) or callable(value)
-
+# ----------------------------------------------------------------------------- which arguments are hyperparameters
 
 # Callables that are not schedules: a mask or labelling function of (name, tensor).
 _NEVER_INJECTED = frozenset({"mask", "labels"})
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
-def _injectable(value: Any) -> bool:
-    """Floats, tensors and schedules are injected; ints, bools, strings and None stay static
-    (they shape the computation, e.g. ``ns_steps``, ``nesterov``)."""
-    if isinstance(value, tuple):
-        return any(_is_numeric(v) for v in value)
-    return _is_numeric(value)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    """A number, a tensor or a schedule (a callable that is not a transformation)."""
+    return _is_number(value) or isinstance(value, Tensor) or _is_schedule(value)
+
+
+def _is_schedule(value: Any) -> bool:
+    return callable(value) and not isinstance(value, GradientTransformation)
+
+
+def _numeric_value(value: Any) -> bool:
+    """A scalar, or a plain tuple of scalars (``None`` items allowed: adafactor's ``eps=(None, 1e-3)``).
+    A NamedTuple such as a GradientTransformation is not a tuple of hyperparameters."""
+    if type(value) is tuple:
+        return any(v is not None for v in value) and all(v is None or _is_scalar(v) for v in value)
+    return _is_scalar(value)
+
+
+def _declared_numeric(param: inspect.Parameter) -> bool | None:
+    """What the signature says: True for a numeric hyperparameter, False for an option or a count,
+    None when it says nothing (no annotation, no default)."""
+    annotation = param.annotation
+    if annotation is not inspect.Parameter.empty:
+        text = annotation if isinstance(annotation, str) else repr(annotation)
+        # ``Hyperparameter``, ``float | Tensor``, ``tuple[Hyperparameter, ...]``; not ``int`` (ns_steps,
+        # every), and not a float that may also be a string (``norm_type: float | str``): that is an option.
+        return bool(re.search(r"\b(Hyperparameter|Tensor|float)\b", text)) and not re.search(r"\bstr\b", text)
+    default = param.default
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    if type(default) is tuple:
+        return any(isinstance(v, float) for v in default) and all(v is None or _is_number(v) for v in default)
+    return isinstance(default, float)
+
+
+def is_hyperparameter(param: inspect.Parameter, value: Any) -> bool:
+    """Whether ``value``, passed for a factory's parameter ``param``, is a numeric hyperparameter.
+
+    The one policy shared by :func:`inject_hyperparams` (what it keeps as tensors), :func:`schedulable`
+    (where a callable is a schedule) and ``ft.interop`` (which ints of a torch param group become
+    floats). The factory's signature decides: a parameter annotated ``Hyperparameter``, ``Tensor`` or
+    ``float`` (but not ``float | str``), or unannotated with a float default (or a tuple of floats),
+    is one, and an int passed for it counts as a float; a parameter declared ``int`` (``ns_steps``,
+    ``every``, ``sync_period``) or ``bool`` is not. When the signature says nothing, a float, a tensor
+    or a schedule is one and an int is not. ``*args``/``**kwargs``, ``mask`` and ``labels`` (functions
+    of ``(name, tensor)``), transformations, bools, strings and None never are.
+    """
+    if param.kind in _VARIADIC or param.name in _NEVER_INJECTED or not _numeric_value(value):
+        return False
+    declared = _declared_numeric(param)
+    if declared is not None:
+        return declared
+    items = value if type(value) is tuple else (value,)
+    return not any(isinstance(v, int) for v in items)
+
+
+def _is_zero(value: Any) -> bool:
+    return _is_number(value) and value == 0
+
+
+# ----------------------------------------------------------------------------- inject_hyperparams
 
 
 def inject_hyperparams(
@@ -44,40 +101,88 @@ def inject_hyperparams(
     """Wraps an optimiser factory so its numeric hyperparameters live in the optimiser state.
 
     ``inject_hyperparams(ft.adamw)(lr=1e-3, weight_decay=ft.schedules.linear_lr(...))`` builds an
-    AdamW whose state is ``InjectHyperparamsState(count, hyperparams, inner_state)``; every float,
-    tensor or schedule passed as a keyword argument is a 0-d float64 tensor in
-    ``state.hyperparams[name]`` (tuples such as ``betas`` hold a tuple of them). Replace a value
-    between steps (``state._replace(hyperparams={**state.hyperparams, "lr": torch.tensor(1e-4)})``)
-    and the next update uses it; a compiled step does not recompile, because only tensor values
-    changed. A schedule is evaluated at the update count before each update and its value stored.
+    AdamW whose state is ``InjectHyperparamsState(count, hyperparams, inner_state)``; every numeric
+    hyperparameter of the factory (:func:`is_hyperparameter`: for AdamW ``lr``, ``betas``, ``eps``
+    and ``weight_decay``), given or left at its default, is a 0-d float64 tensor in
+    ``state.hyperparams[name]`` (tuples such as ``betas`` hold a tuple of them); an int given for a
+    float hyperparameter (``weight_decay=0``) is converted. A default of exactly zero is the one
+    exception: it switches a feature off (no momentum buffer, no decay pass, as in torch.optim), so
+    it stays a Python ``0.0``; pass it explicitly (``momentum=0.0``) to make it changeable.
 
-    Arguments named in ``static_args``, non-numeric ones (ints, bools, strings) and ``mask`` /
-    ``labels`` functions are passed through.
+    Change values between steps with :func:`set_hyperparams` (``state = ft.set_hyperparams(state,
+    lr=1e-4)``) and the next update uses them; a compiled step does not recompile, because only
+    tensor values changed (a replacement of another dtype or device would recompile: that is why
+    :func:`set_hyperparams` keeps both). A schedule is evaluated at the update count before each
+    update and its value stored. Initial values, and schedules at count 0, are checked by the
+    factory's own validation when the wrapper is built.
+
+    Arguments named in ``static_args``, and those that are not numeric hyperparameters (ints such as
+    ``ns_steps``, bools, strings, transformations, ``mask`` / ``labels`` functions, ``*args``), are
+    passed through unchanged.
+
+    In eager mode the inner transformation is built once and reused for as long as the state holds
+    the same hyperparameter tensors (no schedule, nothing replaced), so the factory's Python work
+    is not repeated every step. Replace hyperparameter tensors rather than writing into them.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.inject_hyperparams(ft.adamw)(lr=1e-3)
+        >>> state = tx.init({"w": torch.ones(2)})
+        >>> sorted(state.hyperparams)
+        ['betas', 'eps', 'lr', 'weight_decay']
+        >>> float(ft.set_hyperparams(state, lr=1e-4).hyperparams["lr"])
+        0.0001
     """
-    static_args = frozenset(static_args) | _NEVER_INJECTED
+    if not callable(factory) or isinstance(factory, GradientTransformation):
+        raise TypeError(
+            "inject_hyperparams: factory must be a function that returns a GradientTransformation (e.g. ft.adam, "
+            f"not ft.adam(...)), got {type(factory).__name__}"
+        )
+    name = getattr(factory, "__name__", type(factory).__name__)
+    signature = inspect.signature(factory)
+    static_args = frozenset(static_args)
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:
-        bound = inspect.signature(factory).bind(*args, **kwargs)
-        given = dict(bound.arguments)
-        factory(**given)  # validates the initial values with the factory's own checks
-        injected = {k: v for k, v in given.items() if k not in static_args and _injectable(v)}
-        static = {k: v for k, v in given.items() if k not in injected}
+        bound = _bind(signature, name, args, kwargs)
+        given = set(bound.arguments)
+        bound.apply_defaults()
+        injected = {
+            arg: value
+            for arg, value in bound.arguments.items()
+            if arg not in static_args
+            and is_hyperparameter(signature.parameters[arg], value)
+            and (arg in given or not _is_zero(value))
+        }
+        static = {arg: value for arg, value in bound.arguments.items() if arg not in injected}
 
-        def values_at(count: Tensor, stored: dict[str, Any]) -> dict[str, Any]:
-            return {name: _value(spec, count, stored[name]) for name, spec in injected.items()}
+        def call(hyperparams: dict[str, Any]) -> GradientTransformation:
+            arguments = inspect.BoundArguments(signature, {**static, **hyperparams})  # type: ignore[arg-type]
+            return factory(*arguments.args, **arguments.kwargs)
+
+        # The factory's own checks, once, on the initial values (a schedule at count 0).
+        call(_values_at(injected, torch.zeros((), dtype=torch.int64), _initial(injected)))
+
+        cache: list[tuple[dict[str, Any], GradientTransformation]] = []  # the last (hyperparams, transform)
 
         def inner(hyperparams: dict[str, Any]) -> GradientTransformation:
-            return factory(**static, **hyperparams)
+            # Under torch.compile (or vmap/grad) this runs once, at trace time: nothing to save.
+            if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+                return call(hyperparams)
+            if cache and _same_objects(cache[0][0], hyperparams):
+                return cache[0][1]
+            tx = call(hyperparams)
+            cache[:] = [(hyperparams, tx)]  # holds the tensors, so an id is never reused while cached
+            return tx
 
         def init(params):
             count = step_count(params)
-            placeholder = {name: _placeholder(spec) for name, spec in injected.items()}
-            hyperparams = _as_tensors(values_at(count, placeholder), count.device)
+            values = _values_at(injected, count, _initial(injected))
+            hyperparams = _as_tensors(values, count.device, copy=True)
             return InjectHyperparamsState(count, hyperparams, inner(hyperparams).init(params))
 
         def update(updates, state, params=None, **extra):
-            hyperparams = _as_tensors(values_at(state.count, state.hyperparams), state.count.device)
+            hyperparams = _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
             updates, inner_state = inner(hyperparams).update(updates, state.inner_state, params, **extra)
             return updates, InjectHyperparamsState(state.count + 1, hyperparams, inner_state)
 
@@ -86,51 +191,173 @@ def inject_hyperparams(
     return build
 
 
-def _value(spec: Any, count: Tensor, stored: Any) -> Any:
-    """A schedule is evaluated at ``count``; any other injected value is read from the state."""
-    if isinstance(spec, tuple):
-        return tuple(_value(s, count, v) for s, v in zip(spec, stored))
-    return spec(count) if callable(spec) else stored
+def _bind(signature: inspect.Signature, name: str, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """``signature.bind``, with an error that names the factory and what it takes."""
+    takes = ", ".join(p.name for p in signature.parameters.values())
+    accepts_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    unknown = [k for k in kwargs if k not in signature.parameters]
+    if unknown and not accepts_any:
+        raise TypeError(f"inject_hyperparams({name}): unexpected argument {unknown[0]!r}; {name} takes {takes}")
+    try:
+        return signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"inject_hyperparams({name}): {error}; {name} takes {takes}") from None
 
 
-def _placeholder(spec: Any) -> Any:
-    if isinstance(spec, tuple):
-        return tuple(_placeholder(s) for s in spec)
-    return None if callable(spec) else spec
+def _values_at(injected: dict[str, Any], count: Tensor, stored: dict[str, Any]) -> dict[str, Any]:
+    """Each injected value at ``count``: a schedule is evaluated, any other value read from ``stored``."""
+
+    def value(spec, old):
+        if type(spec) is tuple:
+            return tuple(value(s, o) for s, o in zip(spec, old))
+        return spec(count) if _is_schedule(spec) else old
+
+    return {name: value(spec, stored[name]) for name, spec in injected.items()}
 
 
-def _as_tensors(values: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _initial(injected: dict[str, Any]) -> dict[str, Any]:
+    """The stored values before the first update: the given ones (schedules are evaluated instead)."""
+
+    def initial(spec):
+        if type(spec) is tuple:
+            return tuple(initial(s) for s in spec)
+        return None if _is_schedule(spec) else spec
+
+    return {name: initial(spec) for name, spec in injected.items()}
+
+
+def _as_tensors(values: dict[str, Any], device: torch.device, copy: bool = False) -> dict[str, Any]:
+    """Each value as a 0-d float64 tensor on ``device``; a tensor already so is returned as is (unless
+    ``copy``), so a state that holds its values passes the same objects on (see the cache above)."""
+
     def convert(v):
         if isinstance(v, tuple):
             return tuple(convert(x) for x in v)
-        if isinstance(v, (float, Tensor)):
-            return torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-        return v
+        if v is None:
+            return v
+        if isinstance(v, Tensor):
+            if v.dtype == torch.float64 and v.device == device and v.dim() == 0 and not copy:
+                return v
+            return v.detach().to(device=device, dtype=torch.float64, copy=True).reshape(())
+        return torch.tensor(float(v), dtype=torch.float64, device=device)
 
     return {k: convert(v) for k, v in values.items()}
+
+
+def _same_objects(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def same(x, y):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            return len(x) == len(y) and all(same(p, q) for p, q in zip(x, y))
+        return x is y
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- set_hyperparams
+
+
+def set_hyperparams(opt_state: OptState, **values: Any) -> OptState:
+    """A copy of ``opt_state`` with the named injected hyperparameters replaced.
+
+    ``opt_state`` is the state of an :func:`inject_hyperparams` optimiser, or any state that holds
+    exactly one (a chain, ``accumulate``, a ``TrainState``, ...); when it holds several, pass the
+    one to change. Each value (a number, a 0-d tensor, or a tuple of them for e.g. ``betas``)
+    becomes a 0-d float64 tensor on the old value's device, so a compiled step reads it without
+    recompiling. A hyperparameter driven by a schedule is recomputed from it at the next update:
+    change the schedule instead. Nothing is mutated; the tensors not named are shared.
+
+    Args:
+        opt_state: a state holding exactly one ``InjectHyperparamsState``.
+        **values: hyperparameter name -> new value.
+
+    Raises:
+        ValueError: when there is no (or more than one) injected state, or a name it does not hold.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.inject_hyperparams(ft.adam)(lr=1e-3))
+        >>> state = ft.set_hyperparams(tx.init({"w": torch.ones(2)}), lr=1e-4, betas=(0.8, 0.9))
+        >>> float(state[1].hyperparams["lr"]), state[1].hyperparams["betas"][0].dtype
+        (0.0001, torch.float64)
+    """
+    found = find_one_state(opt_state, InjectHyperparamsState, "set_hyperparams", "inject_hyperparams")
+    unknown = sorted(set(values) - set(found.hyperparams))
+    if unknown:
+        raise ValueError(
+            f"set_hyperparams: no injected hyperparameter {unknown[0]!r}; the state holds {sorted(found.hyperparams)} "
+            "(build the optimiser with ft.inject_hyperparams(factory)(...) to change others during training)"
+        )
+    hyperparams = dict(found.hyperparams)
+    for name, value in values.items():
+        hyperparams[name] = _replacement(name, value, found.hyperparams[name])
+    return _replace_node(opt_state, found, found._replace(hyperparams=hyperparams))
+
+
+def _replacement(name: str, value: Any, old: Any) -> Any:
+    if isinstance(old, tuple):
+        if not isinstance(value, (tuple, list)) or len(value) != len(old):
+            raise ValueError(f"set_hyperparams: {name} must be a tuple of {len(old)} values, got {value!r}")
+        return tuple(_replacement(f"{name}[{i}]", v, o) for i, (v, o) in enumerate(zip(value, old)))
+    if old is None:
+        if value is not None:
+            raise ValueError(f"set_hyperparams: {name} is None (not injected) and stays None, got {value!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(
+            f"set_hyperparams: {name} must be a number or a 0-d tensor, got {type(value).__name__}"
+            + ("; to schedule it, pass the schedule to inject_hyperparams" if callable(value) else "")
+        )
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"set_hyperparams: {name} must hold one element, got shape {tuple(value.shape)}")
+    return torch.as_tensor(value, dtype=torch.float64, device=old.device).detach().clone().reshape(())
+
+
+def _replace_node(tree: Any, old: Any, new: Any) -> Any:
+    """``tree`` with the node ``old`` (found by identity) replaced by ``new``; containers off its path are shared."""
+    if tree is old:
+        return new
+    if isinstance(tree, dict):
+        children = {k: _replace_node(v, old, new) for k, v in tree.items()}
+        return tree if all(children[k] is tree[k] for k in tree) else type(tree)(children)
+    if isinstance(tree, (tuple, list)):
+        children = [_replace_node(v, old, new) for v in tree]
+        if all(c is v for c, v in zip(children, tree)):
+            return tree
+        return type(tree)(*children) if hasattr(tree, "_fields") else type(tree)(children)
+    return tree
+
+
+# ----------------------------------------------------------------------------- schedulable
 
 
 def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
     """Lets every numeric hyperparameter of ``factory`` be a schedule of the step count.
 
-    Transforms take floats and 0-d tensors; when a call passes a schedule, the factory is driven
-    through :func:`inject_hyperparams` with just the scheduled arguments injected, so each update
-    rebuilds it with the schedules' current values. Calls without schedules return the plain chain.
+    Transforms take floats and 0-d tensors; when a call passes a schedule for a numeric
+    hyperparameter (:func:`is_hyperparameter`; a ``mask`` function is not one), the factory is
+    driven through :func:`inject_hyperparams` with just the scheduled arguments injected, so each
+    update rebuilds it with the schedules' current values. Calls without schedules return the
+    plain transformation.
     """
+    signature = inspect.signature(factory)
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:
-        bound = inspect.signature(factory).bind(*args, **kwargs)
-        scheduled = {k for k, v in bound.arguments.items() if _has_schedule(v)}
+        bound = signature.bind(*args, **kwargs)
+        scheduled = {
+            name
+            for name, value in bound.arguments.items()
+            if is_hyperparameter(signature.parameters[name], value) and _has_schedule(value)
+        }
         if not scheduled:
             return factory(*args, **kwargs)
-        static = set(bound.arguments) - scheduled
-        return inject_hyperparams(factory, static_args=static)(**bound.arguments)
+        static = [name for name in signature.parameters if name not in scheduled]
+        return inject_hyperparams(factory, static_args=static)(*args, **kwargs)
 
     return build
 
 
 def _has_schedule(value: Any) -> bool:
-    if isinstance(value, tuple):
+    if type(value) is tuple:
         return any(_has_schedule(v) for v in value)
-    return callable(value)
+    return _is_schedule(value)

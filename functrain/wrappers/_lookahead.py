@@ -38,7 +38,8 @@ def lookahead(tx: GradientTransformation, sync_period: int = 6, alpha: float | T
     Args:
         tx: the inner ("fast") optimiser.
         sync_period: fast steps per sync, :math:`k`, an int >= 1.
-        alpha: the slow step size :math:`\alpha` in [0, 1] (1 keeps the fast weights; 0 resets to the slow ones).
+        alpha: the slow step size :math:`\alpha` in [0, 1] (1 keeps the fast weights; 0 resets to the slow ones),
+            a float or a 0-d tensor (``ft.inject_hyperparams(ft.lookahead)(tx, alpha=schedule)`` schedules it).
 
     Example:
         >>> import torch, functrain as ft
@@ -58,6 +59,7 @@ def lookahead(tx: GradientTransformation, sync_period: int = 6, alpha: float | T
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"lookahead: tx must be a GradientTransformation, got {type(tx).__name__}")
     _validate.integer("lookahead", "sync_period", sync_period, 1)
+    _validate.not_a_schedule("lookahead", "alpha", alpha)
     _validate.in_range("lookahead", "alpha", alpha, 0.0, 1.0)
 
     def init(params):
