@@ -1,6 +1,12 @@
 """functrain: a functional, composable training-step library for PyTorch."""
 
-from . import distributed as distributed, optimisers as optimisers, schedules as schedules, transforms as transforms
+from . import (
+    callbacks as callbacks,
+    distributed as distributed,
+    optimisers as optimisers,
+    schedules as schedules,
+    transforms as transforms,
+)
 from .base import (
     EmptyState as EmptyState,
     GradientTransformation as GradientTransformation,
@@ -12,6 +18,14 @@ from .base import (
     apply_updates as apply_updates,
     identity as identity,
     register_state as register_state,
+)
+from .callbacks import Callback as Callback, hyperparams as hyperparams
+from .checkpoint import (
+    latest_checkpoint as latest_checkpoint,
+    load_checkpoint as load_checkpoint,
+    load_weights as load_weights,
+    save_checkpoint as save_checkpoint,
+    save_weights as save_weights,
 )
 from .combine import (
     chain as chain,
@@ -27,6 +41,7 @@ from .interop import (
     load_into_torch as load_into_torch,
     opt_state_from_torch as opt_state_from_torch,
 )
+from .loop import Loop as Loop, MeanMetrics as MeanMetrics, default_device as default_device, fit as fit
 from .loss_scale import LossScaleState as LossScaleState, dynamic_loss_scale as dynamic_loss_scale
 from .optimisers import (
     adadelta as adadelta,
@@ -68,10 +83,13 @@ from .wrappers import (
 )
 
 __all__ = [
+    "Callback",
     "EmptyState",
     "GradientTransformation",
     "Hyperparameter",
+    "Loop",
     "LossScaleState",
+    "MeanMetrics",
     "OptState",
     "Params",
     "Schedule",
@@ -89,21 +107,28 @@ __all__ = [
     "apply_if_finite",
     "apply_updates",
     "asgd",
+    "callbacks",
     "chain",
     "clip",
     "clip_by_global_norm",
+    "default_device",
     "distributed",
     "dynamic_loss_scale",
     "ema_params",
     "ema_params_of",
+    "fit",
     "freeze",
     "from_torch_optimizer",
+    "hyperparams",
     "identity",
     "inject_hyperparams",
     "lamb",
     "lars",
+    "latest_checkpoint",
     "lion",
+    "load_checkpoint",
     "load_into_torch",
+    "load_weights",
     "lookahead",
     "make_eval_step",
     "make_train_step",
@@ -119,6 +144,8 @@ __all__ = [
     "register_state",
     "rmsprop",
     "rprop",
+    "save_checkpoint",
+    "save_weights",
     "schedule_free_adamw",
     "schedule_free_eval_params",
     "schedules",

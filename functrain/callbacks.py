@@ -1,0 +1,424 @@
+"""Callbacks: the loop's extension points, and the built-in ones.
+
+A callback subclasses :class:`Callback` and overrides the events it cares about. Each event method
+receives the :class:`~functrain.Loop` (progress, state, logs, history) and returns ``None`` or a new
+state, which replaces the loop's state from then on: a callback changes training by returning a
+value, not by mutating tensors. ``loop.stop(reason)`` ends training after the current event.
+
+Callbacks run without host syncs of their own: per-step events see only counters, and metric
+values reach callbacks in ``on_log`` / ``on_eval_end``, already read back by the loop in one sync.
+
+Built-ins: :class:`ProgressBar` (tqdm), :class:`TensorBoard`, :class:`JSONLogger`,
+:class:`Checkpoint` (periodic and best, keeping the last K), :class:`EarlyStopping`,
+:class:`StopOnNonFinite`. :func:`hyperparams` reads the hyperparameters injected with
+:func:`~functrain.inject_hyperparams` (the loop logs them); :func:`~functrain.set_hyperparams` changes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from . import _tree, _validate
+from .wrappers._inject import InjectHyperparamsState
+
+if TYPE_CHECKING:
+    from .loop import Loop
+
+
+class Callback:
+    """Base class: every event does nothing. Override the ones you need.
+
+    Each event receives the loop and may return a new state (``None`` keeps the current one).
+    A callback with progress of its own (a best value, a patience counter) returns it from
+    ``state_dict`` so checkpoints carry it across a resume.
+
+    Example:
+        Halve an injected learning rate every 10 epochs:
+
+        >>> import functrain as ft
+        >>> class StepDecay(ft.Callback):
+        ...     def on_epoch_end(self, loop):
+        ...         if (loop.epoch + 1) % 10 == 0:
+        ...             return ft.set_hyperparams(loop.state, lr=loop.logs["lr"] / 2)
+    """
+
+    def on_fit_start(self, loop: Loop) -> Any: ...
+
+    def on_epoch_start(self, loop: Loop) -> Any: ...
+
+    def on_log(self, loop: Loop) -> Any:
+        """``loop.logs`` holds the running means since the last log, as floats."""
+
+    def on_eval_end(self, loop: Loop) -> Any:
+        """``loop.eval_logs`` holds the means over the evaluation set, as floats."""
+
+    def on_step_end(self, loop: Loop) -> Any: ...
+
+    def on_epoch_end(self, loop: Loop) -> Any: ...
+
+    def on_fit_end(self, loop: Loop) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+# ----------------------------------------------------------------------------- injected hyperparameters
+
+
+def _injected(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, InjectHyperparamsState]]:
+    """Every :class:`InjectHyperparamsState` in ``tree`` with its dotted path, outermost first."""
+    if isinstance(tree, InjectHyperparamsState):
+        return [(".".join(path), tree), *_injected(tree.inner_state, (*path, "inner_state"))]
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        items = [(f, getattr(tree, f)) for f in tree._fields]
+    elif isinstance(tree, dict):
+        items = list(tree.items())
+    elif isinstance(tree, (tuple, list)):
+        items = list(enumerate(tree))
+    else:
+        return []
+    return [found for key, child in items for found in _injected(child, (*path, str(key)))]
+
+
+def hyperparams(state: Any) -> dict[str, Tensor]:
+    """The injected hyperparameters in ``state`` (no host sync): ``{"lr": tensor, ...}``.
+
+    Names are the keyword names given to :func:`~functrain.inject_hyperparams` (``"betas.0"`` for a
+    tuple's items); when the state holds several injected optimisers (a GAN's two states), each
+    name is prefixed with the dotted path to its optimiser state (``"0.opt_state.lr"``).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.inject_hyperparams(ft.adam)(lr=1e-3))
+        >>> {k: float(v) for k, v in ft.hyperparams(state).items()}
+        {'lr': 0.001, 'betas.0': 0.9, 'betas.1': 0.999, 'eps': 1e-08}
+    """
+    found = _injected(state)
+    out: dict[str, Tensor] = {}
+    for path, inject_state in found:
+        prefix = f"{path}." if len(found) > 1 else ""
+        for name, value in inject_state.hyperparams.items():
+            if isinstance(value, tuple):
+                out.update({f"{prefix}{name}.{i}": v for i, v in enumerate(value) if isinstance(v, Tensor)})
+            elif isinstance(value, Tensor):
+                out[prefix + name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- monitoring a metric
+
+
+def _monitored(owner: str, monitor: str) -> tuple[str, str]:
+    """``"eval/loss"`` -> ("eval", "loss"); ``"loss"`` or ``"train/loss"`` -> ("train", "loss")."""
+    split, _, name = monitor.rpartition("/")
+    split = split or "train"
+    _validate.one_of(owner, "monitor's split", split, ("train", "eval"))
+    return split, name
+
+
+def _value(owner: str, loop: Loop, split: str, name: str) -> float:
+    logs = loop.eval_logs if split == "eval" else loop.logs
+    if name not in logs:
+        raise KeyError(f"{owner}: monitored metric {split}/{name} is not logged; {split} logs have {sorted(logs)}")
+    return logs[name]
+
+
+class _Best:
+    """The best value of a monitored metric so far."""
+
+    def __init__(self, owner: str, monitor: str, mode: str, min_delta: float = 0.0):
+        _validate.one_of(owner, "mode", mode, ("min", "max"))
+        self.owner, self.split, self.name = owner, *_monitored(owner, monitor)
+        self.sign, self.min_delta, self.best = (1.0 if mode == "min" else -1.0), min_delta, math.inf
+
+    def improved(self, loop: Loop) -> bool:
+        """Reads the monitored value and records it if it beats the best by more than ``min_delta``."""
+        value = self.sign * _value(self.owner, loop, self.split, self.name)
+        if value < self.best - self.min_delta:
+            self.best = value
+            return True
+        return False
+
+
+# ----------------------------------------------------------------------------- built-in callbacks
+
+
+class StopOnNonFinite(Callback):
+    """Stops training with a message when a logged loss is NaN or infinite.
+
+    It reads the logged running means, so it costs no sync; a NaN anywhere in a log interval makes
+    the mean NaN, and training stops at most ``log_every`` steps after the first bad step (pass
+    ``log_every=1`` to stop at once). Every logged metric with ``loss`` in its name is checked.
+    """
+
+    def on_log(self, loop: Loop) -> None:
+        bad = {k: v for k, v in loop.logs.items() if "loss" in k and not math.isfinite(v)}
+        if bad:
+            name, value = next(iter(bad.items()))
+            reason = (
+                f"StopOnNonFinite: the {name} is {value} in the {loop.log_every} steps up to step {loop.step}; "
+                f"training stopped. Try a lower learning rate, gradient clipping (ft.clip_by_global_norm) or "
+                f"ft.apply_if_finite to skip bad steps."
+            )
+            warnings.warn(reason, RuntimeWarning, stacklevel=2)
+            loop.stop(reason)
+
+
+class EarlyStopping(Callback):
+    """Stops when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` checks.
+
+    Args:
+        monitor: ``"eval/<metric>"`` (checked after each evaluation) or ``"<metric>"`` /
+            ``"train/<metric>"`` (checked at each log).
+        mode: ``"min"`` or ``"max"``.
+        patience: how many checks without improvement to allow.
+        min_delta: the smallest change that counts as an improvement.
+    """
+
+    def __init__(self, monitor: str = "eval/loss", mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+        self.patience = _validate.integer("EarlyStopping", "patience", patience, 0)
+        _validate.in_range("EarlyStopping", "min_delta", min_delta, 0.0, math.inf)
+        self.tracker = _Best("EarlyStopping", monitor, mode, min_delta)
+        self.waited = 0
+
+    def on_log(self, loop: Loop) -> None:
+        if self.tracker.split == "train":
+            self._check(loop)
+
+    def on_eval_end(self, loop: Loop) -> None:
+        if self.tracker.split == "eval":
+            self._check(loop)
+
+    def _check(self, loop: Loop) -> None:
+        self.waited = 0 if self.tracker.improved(loop) else self.waited + 1
+        if self.waited > self.patience:
+            t = self.tracker
+            best = t.sign * t.best
+            loop.stop(f"EarlyStopping: {t.split}/{t.name} has not improved for {self.waited} checks (best {best:.6g})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.tracker.best, "waited": self.waited}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.best, self.waited = state["best"], state["waited"]
+
+
+class Checkpoint(Callback):
+    """Saves checkpoints: periodic ones (``step-<n>.pt``, the last ``keep`` kept) and the best one (``best.pt``).
+
+    Each file holds everything a resume needs (see :mod:`functrain.checkpoint`); pass
+    ``resume=True`` to :func:`~functrain.fit` to continue from the latest. Before training starts
+    the directory is created and test-written, so a bad path fails at once rather than after hours.
+    A state with a NaN or infinite parameter is not saved (a warning says so), so the last
+    checkpoint is always one worth resuming from.
+
+    Args:
+        directory: where the files go.
+        every_steps: save every this many steps (``None``: not by steps).
+        every_epochs: save at the end of every this many epochs (``None``: not by epochs).
+        keep: how many periodic checkpoints to keep (the oldest are deleted).
+        monitor: save ``best.pt`` whenever this metric improves (``"eval/loss"``, ``"acc"``...).
+        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        save_on_fit_end: also save when training ends (stopped early or at ``steps``).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every_steps: int | None = None,
+        every_epochs: int | None = 1,
+        keep: int = 3,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_on_fit_end: bool = True,
+    ):
+        self.directory = Path(directory)
+        for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
+            if value is not None:
+                _validate.integer("Checkpoint", name, value, 1)
+        self.every_steps, self.every_epochs = every_steps, every_epochs
+        self.keep = _validate.integer("Checkpoint", "keep", keep, 1)
+        self.best = None if monitor is None else _Best("Checkpoint", monitor, mode)
+        self.save_on_fit_end = save_on_fit_end
+        self.last_saved_step: int | None = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise PermissionError(f"Checkpoint: cannot write checkpoints to '{self.directory}': {error}") from error
+        for stale in self.directory.glob(".*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.every_steps is not None and loop.step % self.every_steps == 0:
+            self._save_periodic(loop)
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if self.every_epochs is not None and (loop.epoch + 1) % self.every_epochs == 0:
+            self._save_periodic(loop)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self.save_on_fit_end and self.last_saved_step != loop.step:
+            self._save_periodic(loop)
+
+    def on_log(self, loop: Loop) -> None:
+        if self.best is not None and self.best.split == "train":
+            self._save_if_best(loop)
+
+    def on_eval_end(self, loop: Loop) -> None:
+        if self.best is not None and self.best.split == "eval":
+            self._save_if_best(loop)
+
+    def _save_if_best(self, loop: Loop) -> None:
+        if self.best.improved(loop) and self._finite(loop):
+            loop.save(self.directory / "best.pt")
+
+    def _save_periodic(self, loop: Loop) -> None:
+        if not self._finite(loop):
+            return
+        loop.save(self.directory / f"step-{loop.step:08d}.pt")
+        self.last_saved_step = loop.step
+        periodic = sorted(self.directory.glob("step-*.pt"))  # zero-padded: name order is step order
+        for old in periodic[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    @staticmethod
+    def _finite(loop: Loop) -> bool:
+        floats = [t for t in _tree.leaves(loop.state) if isinstance(t, Tensor) and t.is_floating_point()]
+        if floats and not bool(_tree.all_finite(floats)):  # a sync, but saving syncs anyway
+            warnings.warn(
+                f"Checkpoint: not saving step {loop.step}: the state holds NaN or inf", RuntimeWarning, stacklevel=3
+            )
+            return False
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": None if self.best is None else self.best.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.best is not None and state.get("best") is not None:
+            self.best.best = state["best"]
+
+
+class JSONLogger(Callback):
+    """Appends one JSON object per log and per evaluation to ``path``: ``{"split": "train", "step": ..., "loss": ...}``.
+
+    The file belongs to one run: a fresh run (step 0) starts it afresh, and a resumed run first drops
+    the records past the resumed step (written by the interrupted run after its last checkpoint),
+    so the file reads as one uninterrupted run. Non-finite values
+    are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= loop.step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, loop: Loop) -> None:
+        self._write({"split": "train", **loop.logs})
+
+    def on_eval_end(self, loop: Loop) -> None:
+        self._write({"split": "eval", **loop.eval_logs})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        record = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in record.items()}
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+class TensorBoard(Callback):
+    """Writes the logged scalars (``train/<metric>``, ``eval/<metric>``, and the injected hyperparameters
+    such as ``train/lr``) with ``torch.utils.tensorboard``. Needs the ``tensorboard`` package:
+    ``pip install 'functrain[tensorboard]'``.
+
+    On a resumed run, events past the resumed step are purged, as if the run had not been interrupted.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError(
+                "TensorBoard callback: the tensorboard package is not installed; "
+                "pip install 'functrain[tensorboard]' (or pip install tensorboard)"
+            ) from error
+        self.log_dir, self._writer_cls, self.writer = str(log_dir), SummaryWriter, None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self.writer = self._writer_cls(self.log_dir, purge_step=loop.step + 1 if loop.step else None)
+
+    def on_log(self, loop: Loop) -> None:
+        self._write("train", loop.logs)
+
+    def on_eval_end(self, loop: Loop) -> None:
+        self._write("eval", loop.eval_logs)
+
+    def _write(self, split: str, logs: dict[str, Any]) -> None:
+        for name, value in logs.items():
+            if name not in ("step", "epoch"):
+                self.writer.add_scalar(f"{split}/{name}", value, logs["step"])
+
+    def on_fit_end(self, loop: Loop) -> None:
+        self.writer.close()
+
+
+class ProgressBar(Callback):
+    """A tqdm progress bar: steps/s, ETA, and the last logged loss and learning rate.
+
+    Quiet when stderr is not a terminal (tqdm's ``disable=None``), e.g. in CI logs; pass
+    ``disable=False`` to force it on.
+    """
+
+    def __init__(self, disable: bool | None = None):
+        self.disable, self.bar = disable, None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            warnings.warn("ProgressBar: tqdm is not installed (pip install tqdm); no progress bar", stacklevel=2)
+            return
+        total = loop.max_steps
+        if total is None and loop.max_epochs is not None and loop.steps_per_epoch is not None:
+            total = loop.max_epochs * loop.steps_per_epoch
+        self.bar = tqdm(total=total, initial=loop.step, unit="step", dynamic_ncols=True, disable=self.disable)
+        self.bar.set_description(f"epoch {loop.epoch}", refresh=False)
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.bar is not None:
+            self.bar.update(1)  # host counters only: no sync
+
+    def on_log(self, loop: Loop) -> None:
+        if self.bar is not None:
+            shown = {k: v for k, v in loop.logs.items() if k == "lr" or "loss" in k}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {loop.epoch}", refresh=False)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self.bar is not None:
+            self.bar.close()

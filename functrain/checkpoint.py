@@ -1,0 +1,289 @@
+"""Checkpoints: everything a resume needs, in one file, written atomically and loaded safely.
+
+A checkpoint holds the training state (params, buffers, optimiser state, step count), the data
+loader's position (``loader.state_dict()``), the random number generators (torch CPU and CUDA,
+Python ``random``, and numpy's global generator when numpy is in use) and the loop's progress
+(step, epoch, position in the epoch, history, callback states). Restoring all of it makes a resumed
+run continue bit for bit where the first one stopped: the same batches in the same order, the same
+dropout masks, the same optimiser steps.
+
+Writes are atomic: the file is written under a temporary name in the same directory, flushed and
+``fsync``-ed, renamed over the final name with ``os.replace`` (atomic on POSIX and Windows), and the
+directory is ``fsync``-ed so the rename itself survives a power cut. A process killed at any moment
+leaves either the previous file or the new one, never a torn one; stray temporary files are ignored
+(and swept by :class:`functrain.callbacks.Checkpoint`).
+
+Loading uses ``torch.load(weights_only=True)``: only tensors, plain containers and registered state
+classes are rebuilt, so a file carrying a pickled object that would run code is refused.
+
+:func:`save_weights` / :func:`load_weights` write and read just the params and buffers as a
+``.safetensors`` file (with the optional ``safetensors`` package), for sharing or serving weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _tree
+
+FORMAT = "functrain.checkpoint/1"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def save_checkpoint(path: str | os.PathLike, state: Any, *, loader: Any = None, progress: dict | None = None) -> Path:
+    """Writes ``state``, the loader's position, the RNG states and ``progress`` to ``path``, atomically.
+
+    Args:
+        path: the file to write; its directory must exist. An existing file is replaced only once
+            the new one is complete and on disk.
+        state: any tree of tensors (a :class:`~functrain.TrainState`, or a tuple of them for a GAN).
+            State classes must be decorated with :func:`~functrain.register_state`.
+        loader: the training data loader; its ``state_dict()`` is saved when it has one.
+        progress: plain data (ints, floats, strings, lists, dicts, tensors) about the loop, e.g.
+            the step, the epoch and the history; :class:`~functrain.Loop` fills it in.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import torch, tempfile, os, functrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(3, 2), ft.adam(lr=1e-3))
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> _ = ft.save_checkpoint(path, state, progress={"epoch": 2})
+        >>> restored, progress = ft.load_checkpoint(path, like=state)
+        >>> torch.equal(restored.params["weight"], state.params["weight"]), progress["epoch"]
+        (True, 2)
+    """
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "state": _tree.map(lambda t: t.detach() if isinstance(t, Tensor) else t, state),
+        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        "rng": rng_state(),
+        "progress": dict(progress or {}),
+    }
+    atomic_save(payload, path)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, like: Any, *, loader: Any = None, restore_rng: bool = True
+) -> tuple[Any, dict]:
+    """Reads a checkpoint written by :func:`save_checkpoint`; returns ``(state, progress)``.
+
+    Args:
+        path: the checkpoint file.
+        like: a state of the expected structure (e.g. a freshly created ``TrainState``). The loaded
+            state must match it key for key, shape for shape and dtype for dtype, and its tensors
+            are moved to the devices of ``like``'s tensors.
+        loader: the training data loader; its position is restored with ``load_state_dict``.
+        restore_rng: set the torch, CUDA, Python ``random`` and numpy generators to their saved states.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable checkpoint, holds objects that could run code
+            (refused by ``torch.load(weights_only=True)``), or was saved for another model or
+            optimiser (the message names the first mismatching key or shape).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint file at '{path}'")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"load_checkpoint: refused to load '{path}': it holds pickled objects that "
+            f"torch.load(weights_only=True) will not rebuild, because unpickling them could run code. "
+            f"Checkpoints hold only tensors, plain containers and classes decorated with "
+            f"ft.register_state. Details: {error}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(
+            f"load_checkpoint: '{path}' is not a readable checkpoint (truncated or corrupt?): {error}"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint (no '{FORMAT}' marker)")
+    state = _matched(path, payload["state"], like)
+    if loader is not None and payload["loader"] is not None:
+        if not hasattr(loader, "load_state_dict"):
+            raise TypeError(f"load_checkpoint: '{path}' holds a loader position but the loader has no load_state_dict")
+        loader.load_state_dict(payload["loader"])
+    if restore_rng:
+        set_rng_state(payload["rng"])
+    return state, payload["progress"]
+
+
+def _matched(path: Path, loaded: Any, like: Any) -> Any:
+    """``loaded`` checked against ``like`` (structure, then shapes and dtypes), moved to its devices."""
+    try:
+        _tree.check_same_structure(loaded, like, "the checkpoint's state", "the expected state")
+    except _tree.TreeMismatchError as error:
+        raise ValueError(f"load_checkpoint: '{path}' was saved for another model or optimiser: {error}") from None
+    for (name, saved), (_, expected) in zip(_tree.named_leaves(loaded), _tree.named_leaves(like)):
+        if isinstance(expected, Tensor) and (saved.shape != expected.shape or saved.dtype != expected.dtype):
+            raise ValueError(
+                f"load_checkpoint: '{path}' was saved for another model or optimiser: '{name}' is "
+                f"{tuple(saved.shape)} {saved.dtype} in the checkpoint but {tuple(expected.shape)} "
+                f"{expected.dtype} in the expected state"
+            )
+    return _tree.map(lambda t, e: t.to(e.device) if isinstance(e, Tensor) else t, loaded, like)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The ``step-<n>.pt`` file with the largest ``n`` in ``directory`` (``None`` if there is none).
+
+    Only complete files carry that name (see :func:`atomic_save`), so the latest one is always readable.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` such that a crash at any moment leaves either the old file or the new one."""
+    _atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Calls ``write(file)`` on a temporary file, then renames it to ``path``, with fsyncs on both sides.
+
+    The temporary file lives in the same directory (``os.replace`` is atomic only within one file
+    system) and starts with a dot, so it never matches a checkpoint name.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)  # the rename itself is durable
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a directory; NTFS journals the rename
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- weights as safetensors
+
+
+def _safetensors(owner: str):
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError(
+            f"{owner}: needs the safetensors package: pip install 'functrain[safetensors]' (or pip install safetensors)"
+        ) from error
+    return safetensors.torch
+
+
+def save_weights(path: str | os.PathLike, state: Any) -> Path:
+    """Writes a :class:`~functrain.TrainState`'s params and buffers to a ``.safetensors`` file, atomically.
+
+    For sharing or serving weights: the file holds only named tensors (``params.<name>`` and
+    ``buffers.<name>``), which any safetensors reader loads without running code. To resume
+    training, use :func:`save_checkpoint`, which also keeps the optimiser state, the loader and
+    the RNGs. Needs the ``safetensors`` package.
+
+    Example:
+        >>> import torch, tempfile, os, functrain as ft
+        >>> state = ft.TrainState.create(torch.nn.BatchNorm1d(3), ft.sgd(lr=0.1))
+        >>> path = ft.save_weights(os.path.join(tempfile.mkdtemp(), "model.safetensors"), state)
+        >>> torch.equal(ft.load_weights(path, like=state).buffers["running_var"], torch.ones(3))
+        True
+    """
+    st = _safetensors("save_weights")
+    tensors = {f"{group}.{name}": t.detach().cpu().contiguous() for group, name, t in _weights("save_weights", state)}
+    data = st.save(tensors, metadata={"format": "functrain.weights/1"})
+    _atomic_write(path, lambda file: file.write(data))
+    return Path(path)
+
+
+def load_weights(path: str | os.PathLike, like: Any) -> Any:
+    """``like`` (a :class:`~functrain.TrainState`) with its params and buffers read from a file written by
+    :func:`save_weights`; names, shapes and dtypes must match (the error names the first that does not)."""
+    st = _safetensors("load_weights")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_weights: no weights file at '{path}'")
+    saved = st.load(path.read_bytes())
+    expected = {f"{group}.{name}": t for group, name, t in _weights("load_weights", like)}
+    for key in [*expected, *saved]:
+        if key not in saved or key not in expected:
+            where = "the file" if key not in saved else "the expected state"
+            raise ValueError(f"load_weights: '{path}' does not match: '{key}' is missing from {where}")
+        if saved[key].shape != expected[key].shape or saved[key].dtype != expected[key].dtype:
+            raise ValueError(
+                f"load_weights: '{path}' does not match: '{key}' is {tuple(saved[key].shape)} {saved[key].dtype} in "
+                f"the file but {tuple(expected[key].shape)} {expected[key].dtype} in the expected state"
+            )
+    loaded = {k: saved[k].to(t.device) for k, t in expected.items()}
+    return like._replace(
+        params={k: loaded[f"params.{k}"] for k in like.params},
+        buffers={k: loaded[f"buffers.{k}"] for k in like.buffers},
+    )
+
+
+def _weights(owner: str, state: Any) -> list[tuple[str, str, Tensor]]:
+    if not (isinstance(getattr(state, "params", None), dict) and isinstance(getattr(state, "buffers", None), dict)):
+        raise TypeError(f"{owner}: expected a TrainState (params and buffers dicts), got {type(state).__name__}")
+    return [("params", k, v) for k, v in state.params.items()] + [("buffers", k, v) for k, v in state.buffers.items()]
+
+
+# ----------------------------------------------------------------------------- random number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of every global generator a training run draws from, as plain data and tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")  # only when the program uses numpy; never imported here
+    if numpy is not None:
+        kind, keys, position, has_gauss, cached = numpy.random.get_state(legacy=True)
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached))
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores the generators saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = sys.modules.get("numpy")
+    if "numpy" in state and numpy is not None:
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), position, has_gauss, cached))
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

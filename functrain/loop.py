@@ -1,0 +1,419 @@
+"""The loop driver: :func:`fit`, and :class:`Loop`, the progress and event machinery it is built from.
+
+``fit`` is short on purpose: when a project outgrows it (a GAN's two steps, a meta-learning inner
+loop, a VAE with an annealed KL weight), copy it and keep using :class:`Loop`, which owns what
+every loop needs: counting steps and epochs, running means of the metrics kept on the device and
+read back once per log, evaluation, the callback events, and saving and restoring progress.
+
+Events, in order: ``on_fit_start``; per epoch ``on_epoch_start``, then per step ``on_log`` (every
+``log_every`` steps), ``on_eval_end`` (every ``eval_every`` steps), ``on_step_end``; at the end of
+an epoch ``on_log`` (the steps not logged yet), ``on_eval_end`` (when evaluating once per epoch),
+``on_epoch_end``; finally ``on_log`` (any steps not logged yet) and ``on_fit_end``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _tree, _validate
+from .callbacks import Callback, Checkpoint, ProgressBar, StopOnNonFinite, hyperparams
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+History = dict[str, list[dict[str, Any]]]
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is available, else the CPU. Pass ``device=`` to :func:`fit` to choose another."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Every tensor in ``tree`` on ``device`` (copies issued asynchronously where the source is pinned)."""
+    return _tree.map(lambda x: x.to(device, non_blocking=True) if isinstance(x, Tensor) else x, tree)
+
+
+class MeanMetrics:
+    """Running means of 0-d metric tensors, summed on their device: adding never waits for the device.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> meter = ft.MeanMetrics()
+        >>> for loss in (1.0, 2.0, 6.0):
+        ...     meter.add({"loss": torch.tensor(loss)})
+        >>> to_host(meter.means())  # one host sync for every metric together
+        {'loss': 3.0}
+    """
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for name, value in metrics.items():
+            if not isinstance(value, Tensor) or value.ndim != 0:
+                raise TypeError(f"MeanMetrics: metric {name!r} must be a 0-d tensor, got {value!r}")
+            value = value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, Tensor]:
+        """The means so far, still on the device."""
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+    def __len__(self) -> int:
+        return max(self.counts.values(), default=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+def to_host(tensors: dict[str, Tensor]) -> dict[str, float]:
+    """0-d tensors as Python floats, read in a single device-to-host transfer."""
+    if not tensors:
+        return {}
+    device = next(iter(tensors.values())).device
+    values = torch.stack([t.detach().to(device, torch.float64 if device.type != "mps" else torch.float32)
+                          for t in tensors.values()]).tolist()  # fmt: skip
+    return dict(zip(tensors, values))
+
+
+class Loop:
+    """A training loop's progress, its callbacks and its events; :func:`fit` is one user of it.
+
+    Every event method takes the current state and returns it, after each callback has had the
+    chance to replace it (a callback returns a new state, e.g. with a changed learning rate, or
+    ``None``). Callbacks read the progress from the loop: ``step`` (steps taken), ``epoch``
+    (counted from 0), ``batch`` (steps taken in this epoch), ``state``, ``metrics`` (the last
+    step's metrics, on the device: reading them every step would sync), ``logs`` and
+    ``eval_logs`` (the last logged means, as floats) and ``history``; they call ``loop.stop(why)``
+    to end training.
+
+    Args:
+        callbacks: :class:`~functrain.callbacks.Callback` objects, called in order.
+        log_every: read the running means back to the host (one sync) every this many steps.
+        loader: the training loader, whose position checkpoints save.
+        evaluate: ``evaluate(state) -> {name: 0-d tensor}`` (means over the evaluation set).
+        eval_every: evaluate every this many steps; ``None``: at the end of every epoch.
+        max_steps, max_epochs: when :attr:`finished` turns true.
+
+    Example:
+        A loop of your own (here, two models trained in turn), with the same callbacks:
+
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> enc, dec = torch.nn.Linear(4, 2), torch.nn.Linear(2, 4)
+        >>> tx = ft.inject_hyperparams(ft.sgd)(lr=0.1)
+        >>> step_enc = ft.make_train_step(enc, lambda m, x: dec(m(x)).sub(x).pow(2).mean(), tx)
+        >>> step_dec = ft.make_train_step(dec, lambda m, z: m(z).pow(2).mean(), tx)
+        >>> class Halve(ft.Callback):  # changes a hyperparameter by returning a new state
+        ...     def on_epoch_end(self, loop):
+        ...         return tuple(ft.set_hyperparams(s, lr=0.5 * loop.logs["0.opt_state.lr"]) for s in loop.state)
+        >>> loop = ft.Loop([Halve(), ft.callbacks.EarlyStopping("loss", patience=5)], log_every=2)
+        >>> states = loop.fit_start((ft.TrainState.create(enc, tx), ft.TrainState.create(dec, tx)))
+        >>> for epoch in range(2):
+        ...     states = loop.epoch_start(states)
+        ...     for x in torch.randn(4, 8, 4):
+        ...         s_enc, m_enc = step_enc(states[0], x)
+        ...         s_dec, m_dec = step_dec(states[1], torch.randn(8, 2))
+        ...         states = loop.step_end((s_enc, s_dec), {"loss": m_enc["loss"], "dec_loss": m_dec["loss"]})
+        ...     states = loop.epoch_end(states)
+        >>> states = loop.fit_end(states)
+        >>> len(loop.history["train"]), loop.step, float(ft.hyperparams(states[0])["lr"])
+        (4, 8, 0.025)
+    """
+
+    def __init__(
+        self,
+        callbacks: Iterable[Callback] = (),
+        *,
+        log_every: int = 50,
+        loader: Any = None,
+        evaluate: Callable[[Any], dict[str, Tensor]] | None = None,
+        eval_every: int | None = None,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+    ):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"Loop: callbacks must be functrain.Callback objects, got {type(cb).__name__}")
+        self.log_every = _validate.integer("Loop", "log_every", log_every, 1)
+        self.eval_every = None if eval_every is None else _validate.integer("Loop", "eval_every", eval_every, 1)
+        self.loader, self.evaluate_fn, self.max_steps, self.max_epochs = loader, evaluate, max_steps, max_epochs
+        try:
+            self.steps_per_epoch: int | None = len(loader)
+        except TypeError:
+            self.steps_per_epoch = None
+        self.state: Any = None
+        self.step = self.epoch = self.batch = 0
+        self.epoch_finished = False  # true between the last batch of an epoch and the next epoch's start
+        self.metrics: dict[str, Tensor] = {}
+        self.logs: dict[str, Any] = {}
+        self.eval_logs: dict[str, Any] = {}
+        self.history: History = {"train": [], "eval": []}
+        self.stop_reason: str | None = None
+        self.resumed = False
+        self.meter = MeanMetrics()
+        self._final_progress: dict | None = None
+
+    # ------------------------------------------------------------------------- progress
+
+    def stop(self, reason: str) -> None:
+        """Asks the loop to end after the current event; ``reason`` lands in ``history["stop_reason"]``."""
+        self.stop_reason = reason
+
+    @property
+    def finished(self) -> bool:
+        """Stopped by a callback, or ``max_steps`` / ``max_epochs`` reached."""
+        return (
+            self.stop_reason is not None
+            or (self.max_steps is not None and self.step >= self.max_steps)
+            or (self.max_epochs is not None and self.epoch >= self.max_epochs)
+        )
+
+    # ------------------------------------------------------------------------- events
+
+    def fit_start(self, state: Any) -> Any:
+        self.state = state
+        if not self.resumed and isinstance(getattr(state, "step", None), Tensor):
+            self.step = int(state.step)  # one sync, before training
+        return self._emit("on_fit_start")
+
+    def epoch_start(self, state: Any) -> Any:
+        self.state, self.epoch_finished = state, False
+        return self._emit("on_epoch_start")
+
+    def step_end(self, state: Any, metrics: dict[str, Tensor]) -> Any:
+        """Counts the step, adds its metrics to the running means; logs and evaluates when due."""
+        self.state, self.metrics = state, metrics
+        self.step += 1
+        self.batch += 1
+        self.meter.add(metrics)
+        if self.step % self.log_every == 0:
+            self.log()
+        if self.evaluate_fn is not None and self.eval_every is not None and self.step % self.eval_every == 0:
+            self.evaluate()
+        return self._emit("on_step_end")
+
+    def epoch_end(self, state: Any) -> Any:
+        self.state, self.epoch_finished = state, True
+        self.log()
+        if self.evaluate_fn is not None and self.eval_every is None:
+            self.evaluate()
+        self._emit("on_epoch_end")
+        self.epoch, self.batch, self.epoch_finished = self.epoch + 1, 0, False
+        return self.state
+
+    def fit_end(self, state: Any) -> Any:
+        self.state = state
+        self._final_progress = self.progress()  # a checkpoint saved now resumes before the partial log below
+        self.log()
+        if self.stop_reason is not None:
+            self.history["stop_reason"] = self.stop_reason  # type: ignore[assignment]
+        return self._emit("on_fit_end")
+
+    def log(self) -> None:
+        """Reads the running means (and the injected hyperparameters) back in one sync; calls ``on_log``."""
+        if len(self.meter) == 0:
+            return
+        values = to_host({**self.meter.means(), **hyperparams(self.state)})
+        self.logs = {"step": self.step, "epoch": self.epoch, **values}
+        self.history["train"].append(self.logs)
+        self.meter = MeanMetrics()
+        self._emit("on_log")
+
+    def evaluate(self) -> None:
+        """Runs ``evaluate(state)``, reads its means back in one sync, calls ``on_eval_end``."""
+        self.eval_logs = {"step": self.step, "epoch": self.epoch, **to_host(self.evaluate_fn(self.state))}
+        self.history["eval"].append(self.eval_logs)
+        self._emit("on_eval_end")
+
+    def _emit(self, event: str) -> Any:
+        for callback in self.callbacks:
+            new_state = getattr(callback, event)(self)
+            if new_state is not None:
+                try:
+                    _tree.check_same_structure(new_state, self.state, "the returned state", "the loop's state")
+                except _tree.TreeMismatchError as error:
+                    raise TypeError(
+                        f"{type(callback).__name__}.{event} must return a new state or None: {error}"
+                    ) from None
+                self.state = new_state
+        return self.state
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def progress(self) -> dict[str, Any]:
+        """Everything about the loop a resume needs (not the state, loader or RNGs: see :meth:`save`)."""
+        if self._final_progress is not None:
+            return self._final_progress
+        seen: dict[str, int] = {}
+        callbacks = {}
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            callbacks[f"{name}.{seen[name]}"] = cb.state_dict()
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "epoch_finished": self.epoch_finished,
+            "history": {k: [dict(r) for r in v] for k, v in self.history.items() if k != "stop_reason"},
+            "meter": self.meter.state_dict(),
+            "callbacks": callbacks,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Saves the state, the loader's position, the RNG states and :meth:`progress` to one file."""
+        return save_checkpoint(path, self.state, loader=self.loader, progress=self.progress())
+
+    def restore(self, path: str | os.PathLike, like: Any) -> Any:
+        """Loads a checkpoint written by :meth:`save` (restoring loader, RNGs, progress); returns the state."""
+        state, progress = load_checkpoint(path, like, loader=self.loader)
+        self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
+        if progress["epoch_finished"]:  # saved in on_epoch_end: carry on with the next epoch
+            self.epoch, self.batch = self.epoch + 1, 0
+        self.history = progress["history"]
+        self.meter.load_state_dict(progress["meter"])
+        seen: dict[str, int] = {}
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            if f"{name}.{seen[name]}" in progress["callbacks"]:
+                cb.load_state_dict(progress["callbacks"][f"{name}.{seen[name]}"])
+        self.resumed = True
+        return state
+
+
+def fit(
+    step: Callable[[Any, Any], tuple[Any, dict[str, Tensor]]],
+    state: Any,
+    train_loader: Iterable,
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    eval_step: Callable[[Any, Any], dict[str, Tensor]] | None = None,
+    eval_loader: Iterable | None = None,
+    eval_every: int | None = None,
+    callbacks: Sequence[Callback] | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    log_every: int = 50,
+    device: torch.device | str | None = None,
+) -> tuple[Any, History]:
+    """Trains with ``step(state, batch) -> (state, metrics)`` over ``train_loader``; returns ``(state, history)``.
+
+    Args:
+        step: a train step, e.g. from :func:`~functrain.make_train_step` (compiled or not).
+        state: the initial state (moved to ``device``).
+        train_loader: any iterable of batches; one pass over it is one epoch. When it has
+            ``state_dict`` / ``load_state_dict`` (a ``functrain.data`` loader), checkpoints save its
+            position and a resume continues mid-epoch exactly. The loader counts a batch as
+            consumed when it hands it out, so its state after an epoch's last batch points at the
+            start of the next epoch.
+        epochs: train this many epochs in all. Give exactly one of ``epochs`` and ``steps``.
+        steps: train until the state has taken this many steps in all (a resumed run stops where an
+            uninterrupted one would).
+        eval_step, eval_loader: e.g. from :func:`~functrain.make_eval_step`; the means of its
+            metrics over ``eval_loader`` are logged as ``history["eval"]``.
+        eval_every: evaluate every this many steps; default: at the end of every epoch.
+        callbacks: :class:`~functrain.Callback` objects; default: a progress bar and
+            :class:`~functrain.callbacks.StopOnNonFinite`. A list you pass replaces the defaults.
+        checkpoint: a :class:`~functrain.callbacks.Checkpoint`, or a directory (a checkpoint at the
+            end of every epoch, keeping the last 3). Checked for writability before training starts.
+        resume: ``True``: continue from the latest checkpoint in the directory of ``checkpoint`` (or of
+            a ``Checkpoint`` among the callbacks) if there is one; or the path of a checkpoint file,
+            or of a directory to take the latest checkpoint from.
+        log_every: read the running means of the metrics back from the device every this many steps
+            (the only host syncs of the loop), and at the end of each epoch.
+        device: where the state and batches live; default :func:`default_device`.
+
+    Returns:
+        The final state and the history: ``{"train": [{"step", "epoch", "loss", ..., "lr"}, ...],
+        "eval": [...]}``, plus ``"stop_reason"`` when a callback stopped training.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> model = torch.nn.Linear(3, 1)
+        >>> loss_fn = lambda m, b: F.mse_loss(m(b[0]), b[1])
+        >>> tx = ft.inject_hyperparams(ft.sgd)(lr=0.1)
+        >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+        >>> state, history = ft.fit(ft.make_train_step(model, loss_fn, tx), ft.TrainState.create(model, tx), data,
+        ...                         epochs=3, eval_step=ft.make_eval_step(model, loss_fn), eval_loader=data[:1],
+        ...                         callbacks=[], device="cpu")
+        >>> int(state.step), len(history["train"]), len(history["eval"]), history["train"][0]["lr"]
+        (12, 3, 3, 0.1)
+    """
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"fit: give exactly one of epochs and steps, got epochs={epochs}, steps={steps}")
+    _validate.integer("fit", "epochs" if steps is None else "steps", epochs if steps is None else steps, 1)
+    if (eval_step is None) != (eval_loader is None):
+        raise ValueError("fit: eval_step and eval_loader go together: give both or neither")
+    device = default_device() if device is None else torch.device(device)
+    callbacks = [StopOnNonFinite(), ProgressBar()] if callbacks is None else list(callbacks)
+    if checkpoint is not None:
+        checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        callbacks.append(checkpoint)
+
+    def evaluate(state):
+        meter = MeanMetrics()
+        for batch in eval_loader:
+            meter.add(eval_step(state, to_device(batch, device)))
+        return meter.means()
+
+    loop = Loop(
+        callbacks,
+        log_every=log_every,
+        loader=train_loader,
+        evaluate=evaluate if eval_step is not None else None,
+        eval_every=eval_every,
+        max_steps=steps,
+        max_epochs=epochs,
+    )
+    state = to_device(state, device)
+    if resume is not False:
+        path = _resume_path(resume, next((c for c in callbacks if isinstance(c, Checkpoint)), None))
+        if path is not None:
+            state = loop.restore(path, like=state)
+
+    state = loop.fit_start(state)
+    while not loop.finished:
+        if loop.batch == 0:  # not again when resuming mid-epoch
+            state = loop.epoch_start(state)
+        if loop.steps_per_epoch is None or loop.batch < loop.steps_per_epoch:  # else: resumed after its last step
+            for batch in train_loader:  # a resumed loader yields the rest of its epoch
+                state, metrics = step(state, to_device(batch, device))
+                state = loop.step_end(state, metrics)
+                if loop.finished:
+                    break
+        if loop.finished:
+            break
+        if loop.batch == 0:
+            raise ValueError("fit: train_loader yielded no batches")
+        state = loop.epoch_end(state)
+    state = loop.fit_end(state)
+    return state, loop.history
+
+
+def _resume_path(resume: bool | str | os.PathLike, checkpoint: Checkpoint | None) -> Path | None:
+    if resume is True:
+        if checkpoint is None:
+            raise ValueError("fit: resume=True continues from the checkpoint directory: pass checkpoint= as well")
+        return latest_checkpoint(checkpoint.directory)  # None: nothing saved yet, start afresh
+    path = Path(resume)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"fit: no step-<n>.pt checkpoint in the directory '{path}' to resume from")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"fit: no checkpoint file at '{path}' to resume from")
+    return path

@@ -1,0 +1,215 @@
+"""Built-in callbacks: checkpoints (periodic, last K, best), early stopping, stop on a non-finite loss, JSONL log,
+TensorBoard scalars, progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import functrain as ft
+from tests.test_loop import ShuffledLoader, make_data, make_problem
+
+
+def fit(step, state, loader, **kwargs):
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("log_every", 2)
+    return ft.fit(step, state, loader, **kwargs)
+
+
+def scripted_eval(values):
+    """An eval step whose loss follows ``values``, one per evaluation (one eval batch)."""
+    values = iter(values)
+
+    def evaluate(state, batch):
+        return {"loss": torch.tensor(next(values))}
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- Checkpoint
+
+
+def test_checkpoint_keeps_the_last_k_periodic_files_and_the_best_one(tmp_path):
+    _, step, evaluate, state, loader = make_problem()
+    checkpoint = ft.callbacks.Checkpoint(tmp_path, every_steps=2, every_epochs=None, keep=2, monitor="eval/loss")
+    state, history = fit(
+        step, state, loader, steps=9, eval_step=evaluate, eval_loader=[make_data(n=8, seed=5)], eval_every=1,
+        checkpoint=checkpoint, callbacks=[],
+    )  # fmt: skip
+    # every 2 steps, and at the end of fit (step 9): the last two kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "step-00000008.pt", "step-00000009.pt"]
+    best_step = min(history["eval"], key=lambda r: r["loss"])["step"]
+    best, progress = ft.load_checkpoint(tmp_path / "best.pt", like=state)
+    assert progress["step"] == best_step and int(best.step) == best_step
+    last, progress = ft.load_checkpoint(tmp_path / "step-00000009.pt", like=state)
+    assert progress["step"] == 9 and torch.equal(last.params["0.weight"], state.params["0.weight"])
+
+
+def test_a_directory_as_checkpoint_saves_every_epoch_and_keeps_three(tmp_path):
+    _, step, _, state, loader = make_problem()
+    fit(step, state, loader, epochs=5, checkpoint=tmp_path, callbacks=[])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000015.pt", "step-00000020.pt", "step-00000025.pt"]
+
+
+def test_the_best_value_survives_a_resume(tmp_path):
+    """best.pt is replaced after a resume only by a better value than the interrupted run's best."""
+    _, step, _, state, loader = make_problem()
+    checkpoint = ft.callbacks.Checkpoint(tmp_path, every_steps=1, every_epochs=None, monitor="eval/loss")
+    fit(step, state, loader, steps=2, eval_step=scripted_eval([1.0, 2.0]), eval_loader=[None], eval_every=1,
+        checkpoint=checkpoint, callbacks=[])  # fmt: skip
+    _, step, _, state, loader = make_problem()
+    checkpoint = ft.callbacks.Checkpoint(tmp_path, every_steps=1, every_epochs=None, monitor="eval/loss")
+    fit(step, state, loader, steps=4, eval_step=scripted_eval([1.5, 1.2]), eval_loader=[None], eval_every=1,
+        checkpoint=checkpoint, resume=True, callbacks=[])  # fmt: skip
+    assert ft.load_checkpoint(tmp_path / "best.pt", like=state)[1]["step"] == 1
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize(
+    "values,mode,min_delta,patience,stop_step",
+    [
+        ([3.0, 2.0, 2.5, 2.4, 2.6, 1.0, 1.0], "min", 0.0, 2, 5),  # 3 evaluations without a new minimum
+        ([3.0, 2.0, 1.9, 1.85, 1.0, 1.0, 1.0], "min", 0.15, 1, 4),  # steps under 0.15 are not improvements
+        ([1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0], "max", 0.0, 1, 6),
+    ],
+)
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(
+    values, mode, min_delta, patience, stop_step
+):
+    _, step, _, state, loader = make_problem()
+    stopper = ft.callbacks.EarlyStopping("eval/loss", mode=mode, patience=patience, min_delta=min_delta)
+    state, history = fit(
+        step, state, loader, epochs=3, eval_step=scripted_eval(values), eval_loader=[None], eval_every=1,
+        callbacks=[stopper],
+    )  # fmt: skip
+    assert int(state.step) == stop_step and len(history["eval"]) == stop_step
+    assert history["stop_reason"].startswith("EarlyStopping: eval/loss has not improved")
+
+
+def test_early_stopping_arguments_are_checked():
+    with pytest.raises(ValueError, match="patience"):
+        ft.callbacks.EarlyStopping(patience=-1)
+    with pytest.raises(ValueError, match="mode"):
+        ft.callbacks.EarlyStopping(mode="lowest")
+    with pytest.raises(ValueError, match="split"):
+        ft.callbacks.EarlyStopping("test/loss")
+    _, step, _, state, loader = make_problem()
+    with pytest.raises(KeyError, match="train/accuracy is not logged; train logs have"):
+        fit(step, state, loader, epochs=1, callbacks=[ft.callbacks.EarlyStopping("accuracy")])
+
+
+@pytest.mark.parametrize("log_every,stop_step", [(1, 3), (4, 4)])
+def test_a_non_finite_loss_stops_training_with_a_message_and_is_never_checkpointed(tmp_path, log_every, stop_step):
+    """Batch 3 holds a NaN: the loss and then the params turn NaN. Training stops at the first log that sees it;
+    no checkpoint of a NaN state is written, so the latest checkpoint is the last good step."""
+    x, y = make_data(n=40)
+    x[16:24] = float("nan")  # the third batch, with shuffling off
+
+    _, step, _, state, _ = make_problem()
+    checkpoint = ft.callbacks.Checkpoint(tmp_path, every_steps=1, every_epochs=None, keep=10)
+    with pytest.warns(RuntimeWarning) as caught:
+        state, history = fit(
+            step, state, ShuffledLoader(x, y, 8, shuffle=False), epochs=2, log_every=log_every,
+            callbacks=[ft.callbacks.StopOnNonFinite(), checkpoint],
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    stop = f"StopOnNonFinite: the loss is nan in the {log_every} steps up to step {stop_step}; training stopped."
+    assert [m for m in messages if m.startswith("StopOnNonFinite")] == [stop + history["stop_reason"][len(stop) :]]
+    assert "Checkpoint: not saving step 3: the state holds NaN or inf" in messages  # the first NaN state
+    assert int(state.step) == stop_step and "lower learning rate" in history["stop_reason"]
+    assert ft.latest_checkpoint(tmp_path).name == "step-00000002.pt"
+
+
+# ----------------------------------------------------------------------------- loggers
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_log_holds_the_history_and_a_resumed_run_reads_as_one_run(tmp_path):
+    _, step, evaluate, state, loader = make_problem()
+    eval_args = {"eval_step": evaluate, "eval_loader": [make_data(n=8, seed=5)]}
+    torch.manual_seed(0)
+    logger = ft.callbacks.JSONLogger(tmp_path / "a.jsonl")
+    _, history = fit(step, state, loader, epochs=2, callbacks=[logger], **eval_args)
+    records = read_jsonl(tmp_path / "a.jsonl")
+    assert [r for r in records if r.pop("split") == "train"] == history["train"]
+    assert [r for r in read_jsonl(tmp_path / "a.jsonl") if r.pop("split") == "eval"] == history["eval"]
+
+    class Crash(ft.Callback):
+        def on_step_end(self, loop):
+            if loop.step == 8:
+                raise KeyboardInterrupt
+
+    def callbacks():  # the interrupted run logs steps 7-8 after its last checkpoint (step 6)
+        checkpoint = ft.callbacks.Checkpoint(tmp_path / "ckpt", every_steps=3)
+        return [checkpoint, ft.callbacks.JSONLogger(tmp_path / "b.jsonl")]
+
+    _, step, evaluate, state, loader = make_problem()
+    eval_args["eval_step"] = evaluate
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(step, state, loader, epochs=2, callbacks=[*callbacks(), Crash()], **eval_args)
+    assert read_jsonl(tmp_path / "b.jsonl")[-1]["step"] == 8
+    _, step, evaluate, state, loader = make_problem()
+    eval_args["eval_step"] = evaluate
+    fit(step, state, loader, epochs=2, callbacks=callbacks(), resume=tmp_path / "ckpt", **eval_args)
+    assert read_jsonl(tmp_path / "b.jsonl") == read_jsonl(tmp_path / "a.jsonl")
+
+
+def test_jsonl_writes_non_finite_values_as_strings(tmp_path):
+    logger = ft.callbacks.JSONLogger(tmp_path / "x.jsonl")
+    logger._write({"step": 1, "loss": math.nan, "g": -math.inf, "acc": 0.5})
+    assert read_jsonl(tmp_path / "x.jsonl") == [{"step": 1, "loss": "nan", "g": "-inf", "acc": 0.5}]
+
+
+def test_tensorboard_scalars_equal_the_history(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, step, evaluate, state, loader = make_problem()
+    _, history = fit(
+        step, state, loader, epochs=2, eval_step=evaluate, eval_loader=[make_data(n=8, seed=5)],
+        callbacks=[ft.callbacks.TensorBoard(tmp_path)],
+    )  # fmt: skip
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"train/loss", "train/acc", "train/lr", "train/weight_decay", "eval/loss", "eval/acc"} <= set(
+        events.Tags()["scalars"]
+    )
+    for split, name in [("train", "loss"), ("train", "lr"), ("eval", "acc")]:
+        scalars = events.Scalars(f"{split}/{name}")
+        assert [s.step for s in scalars] == [r["step"] for r in history[split]]
+        assert [s.value for s in scalars] == pytest.approx([r[name] for r in history[split]], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ImportError, match=r"pip install 'functrain\[tensorboard\]'"):
+        ft.callbacks.TensorBoard("runs")
+
+
+def test_progress_bar_shows_rate_loss_and_lr_and_is_quiet_when_not_a_tty(capsys):
+    pytest.importorskip("tqdm")
+    _, step, _, state, loader = make_problem()
+    fit(step, state, loader, epochs=2, callbacks=[ft.callbacks.ProgressBar()])
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is not a terminal
+    _, step, _, state, loader = make_problem()
+    fit(step, state, loader, epochs=2, callbacks=[ft.callbacks.ProgressBar(disable=False)])
+    err = capsys.readouterr().err
+    assert "10/10" in err and "step/s" in err and "loss=" in err and "lr=0.01" in err and "epoch 1" in err
