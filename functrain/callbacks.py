@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from . import _tree, _validate
+from . import _tree, _validate, distributed
 from .wrappers._inject import InjectHyperparamsState
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ class Callback:
         ...         if (loop.epoch + 1) % 10 == 0:
         ...             return ft.set_hyperparams(loop.state, lr=loop.logs["lr"] / 2)
     """
+
+    #: Run only on rank 0 in data-parallel training (progress bars, logs); the loop skips it elsewhere.
+    main_process_only: bool = False
 
     def on_fit_start(self, loop: Loop) -> Any: ...
 
@@ -255,6 +258,8 @@ class Checkpoint(Callback):
         self.last_saved_step: int | None = None
 
     def on_fit_start(self, loop: Loop) -> None:
+        if not distributed.is_main_process():
+            return  # rank 0 writes; every rank takes part in each save (see save_checkpoint)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.directory)
@@ -295,7 +300,7 @@ class Checkpoint(Callback):
         loop.save(self.directory / f"step-{loop.step:08d}.pt")
         self.last_saved_step = loop.step
         periodic = sorted(self.directory.glob("step-*.pt"))  # zero-padded: name order is step order
-        for old in periodic[: -self.keep]:
+        for old in periodic[: -self.keep] if distributed.is_main_process() else []:
             old.unlink(missing_ok=True)
 
     @staticmethod
@@ -324,6 +329,8 @@ class JSONLogger(Callback):
     so the file reads as one uninterrupted run. Non-finite values
     are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
     """
+
+    main_process_only = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -355,6 +362,8 @@ class TensorBoard(Callback):
 
     On a resumed run, events past the resumed step are purged, as if the run had not been interrupted.
     """
+
+    main_process_only = True
 
     def __init__(self, log_dir: str | os.PathLike):
         try:
@@ -390,6 +399,8 @@ class ProgressBar(Callback):
     Quiet when stderr is not a terminal (tqdm's ``disable=None``), e.g. in CI logs; pass
     ``disable=False`` to force it on.
     """
+
+    main_process_only = True
 
     def __init__(self, disable: bool | None = None):
         self.disable, self.bar = disable, None

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _tree
+from . import _tree, distributed
 
 FORMAT = "functrain.checkpoint/1"
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -67,14 +67,18 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, loader: Any = None, 
         (True, 2)
     """
     path = Path(path)
+    # What differs between data-parallel ranks (each loader's shard position, each rank's RNGs) is
+    # gathered into the one file, which rank 0 writes; every rank calls this at the same point.
+    mine = {"loader": loader.state_dict() if hasattr(loader, "state_dict") else None, "rng": rng_state()}
     payload = {
         "format": FORMAT,
         "state": _tree.map(lambda t: t.detach() if isinstance(t, Tensor) else t, state),
-        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
-        "rng": rng_state(),
+        "ranks": distributed.gather_objects(mine),
         "progress": dict(progress or {}),
     }
-    atomic_save(payload, path)
+    if distributed.is_main_process():
+        atomic_save(payload, path)
+    distributed.barrier()  # no rank goes on (or loads) before the file is complete
     return path
 
 
@@ -116,12 +120,19 @@ def load_checkpoint(
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint (no '{FORMAT}' marker)")
     state = _matched(path, payload["state"], like)
-    if loader is not None and payload["loader"] is not None:
+    ranks = payload["ranks"]
+    if len(ranks) != distributed.world_size():
+        raise ValueError(
+            f"load_checkpoint: '{path}' was saved by {len(ranks)} process(es) and is loaded by "
+            f"{distributed.world_size()}: resume with the same number of ranks"
+        )
+    mine = ranks[distributed.rank()]
+    if loader is not None and mine["loader"] is not None:
         if not hasattr(loader, "load_state_dict"):
             raise TypeError(f"load_checkpoint: '{path}' holds a loader position but the loader has no load_state_dict")
-        loader.load_state_dict(payload["loader"])
+        loader.load_state_dict(mine["loader"])
     if restore_rng:
-        set_rng_state(payload["rng"])
+        set_rng_state(mine["rng"])
     return state, payload["progress"]
 
 

@@ -147,6 +147,31 @@ def sync_gradients(group: Any = None, bucket_cap_mb: float | None = 25.0) -> Gra
     return GradientTransformation(init, update)
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` when not distributed)."""
+    if world_size() == 1:
+        return [obj]
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def barrier() -> None:
+    """Waits for every rank (nothing to wait for when not distributed)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def mean_of_floats(values: Tensor) -> Tensor:
+    """The mean over ranks of a tensor of values every rank computed (itself when not distributed):
+    logged metrics, so every rank logs, and decides on, the same numbers."""
+    if world_size() == 1:
+        return values
+    total = values.clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
 # ----------------------------------------------------------------------------- starting together
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _tree, _validate
+from . import _tree, _validate, distributed
 from .callbacks import Callback, Checkpoint, ProgressBar, StopOnNonFinite, hyperparams
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -77,13 +77,17 @@ class MeanMetrics:
 
 
 def to_host(tensors: dict[str, Tensor]) -> dict[str, float]:
-    """0-d tensors as Python floats, read in a single device-to-host transfer."""
+    """0-d tensors as Python floats, read in a single device-to-host transfer.
+
+    In data-parallel training the values are first averaged over the ranks (one all-reduce), so
+    every rank logs the same numbers and callbacks (best checkpoint, early stopping) decide alike.
+    """
     if not tensors:
         return {}
     device = next(iter(tensors.values())).device
-    values = torch.stack([t.detach().to(device, torch.float64 if device.type != "mps" else torch.float32)
-                          for t in tensors.values()]).tolist()  # fmt: skip
-    return dict(zip(tensors, values))
+    stacked = torch.stack([t.detach().to(device, torch.float64 if device.type != "mps" else torch.float32)
+                           for t in tensors.values()])  # fmt: skip
+    return dict(zip(tensors, distributed.mean_of_floats(stacked).tolist()))
 
 
 class Loop:
@@ -237,7 +241,10 @@ class Loop:
         self._emit("on_eval_end")
 
     def _emit(self, event: str) -> Any:
+        main = distributed.is_main_process()
         for callback in self.callbacks:
+            if callback.main_process_only and not main:
+                continue  # progress bars and logs: rank 0 speaks for every rank
             new_state = getattr(callback, event)(self)
             if new_state is not None:
                 try:

@@ -154,3 +154,90 @@ def test_batch_size_not_divisible_by_the_world_size(monkeypatch):
     assert ft.distributed.per_rank_batch_size(12) == 4
     with pytest.raises(ValueError, match="global batch size 10 is not divisible by the world size 3"):
         ft.distributed.per_rank_batch_size(10)
+
+
+# ----------------------------------------------------------------------------- fit and checkpoints on two ranks
+
+
+class RankShard:
+    """Each rank trains on its half of every batch of a shared, reshuffled loader (the position
+    differs per rank only through the RNG; the loader state is the shared cursor)."""
+
+    def __init__(self, loader, rank):
+        self.loader, self.rank = loader, rank
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield shard(batch, self.rank)
+
+    def state_dict(self):
+        return {**self.loader.state_dict(), "rank": self.rank}
+
+    def load_state_dict(self, state):
+        assert state["rank"] == self.rank, "a rank was given another rank's loader position"
+        self.loader.load_state_dict(state)
+
+
+def fit_scenario(rank, out_dir, steps, resume):
+    from .test_loop import ShuffledLoader, make_data, make_model
+
+    torch.manual_seed(100 + rank)  # dropout masks differ per rank: each rank's RNG must be restored
+    model = make_model(dropout=0.3).double()
+    tx = ft.chain(ft.distributed.sync_gradients(), ft.inject_hyperparams(ft.adamw)(lr=1e-2))
+    x, y = make_data(n=48)
+    loader = RankShard(ShuffledLoader(x.double(), y, batch_size=8), rank)
+    step = ft.make_train_step(model, loss_fn, tx, reduce_buffers=ft.distributed.mean_over_ranks)
+    state = ft.distributed.broadcast_state(ft.TrainState.create(model, tx))
+    callbacks = [
+        ft.callbacks.Checkpoint(out_dir / "ckpt", every_steps=4),
+        ft.callbacks.JSONLogger(out_dir / "log.jsonl"),
+    ]
+    state, history = ft.fit(
+        step, state, loader, steps=steps, callbacks=callbacks, resume=resume, log_every=2, device="cpu"
+    )
+    return {"params": state.params, "buffers": state.buffers, "history": history["train"]}
+
+
+def uninterrupted(rank, out_dir):
+    return fit_scenario(rank, out_dir, 10, False)
+
+
+def stopped_at_6(rank, out_dir):
+    return fit_scenario(rank, out_dir, 6, False)
+
+
+def resumed_to_10(rank, out_dir):
+    return fit_scenario(rank, out_dir, 10, True)
+
+
+def _fit_worker(rank, port, scenario, out_dir):
+    import pathlib
+
+    _worker(rank, port, lambda r: scenario(r, pathlib.Path(out_dir)), out_dir)
+
+
+def run_fit_on_two_ranks(scenario, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_fit_worker, args=(free_port(), scenario, str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_fit_on_two_ranks_logs_once_and_resumes_exactly(tmp_path):
+    whole = run_fit_on_two_ranks(uninterrupted, tmp_path / "whole")
+    run_fit_on_two_ranks(stopped_at_6, tmp_path / "split")
+    (tmp_path / "split" / "log.jsonl").unlink()
+    resumed = run_fit_on_two_ranks(resumed_to_10, tmp_path / "split")
+    for r in range(WORLD):
+        for key in ("params", "buffers"):
+            for name, value in whole[r][key].items():
+                assert torch.equal(resumed[r][key][name], value), f"rank {r}: {key} {name}"
+    # Both ranks log the same (rank-averaged) numbers; only rank 0 writes the log file.
+    assert whole[0]["history"] == whole[1]["history"]
+    lines = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == len(whole[0]["history"]) == 5
+    # Every 4 steps and every epoch (6 batches), the last 3 kept: written once, by rank 0.
+    saved = sorted(p.name for p in (tmp_path / "whole" / "ckpt").glob("*.pt"))
+    assert saved == ["step-00000006.pt", "step-00000008.pt", "step-00000010.pt"]
