@@ -107,7 +107,8 @@ class Loop:
         loader: the training loader, whose position checkpoints save.
         evaluate: ``evaluate(state) -> {name: 0-d tensor}`` (means over the evaluation set).
         eval_every: evaluate every this many steps; ``None``: at the end of every epoch.
-        max_steps, max_epochs: when :attr:`finished` turns true.
+        max_steps: :attr:`finished` turns true after this many steps in all.
+        max_epochs: :attr:`finished` turns true after this many epochs in all.
 
     Example:
         A loop of your own (here, two models trained in turn), with the same callbacks:
@@ -329,8 +330,9 @@ def fit(
         epochs: train this many epochs in all. Give exactly one of ``epochs`` and ``steps``.
         steps: train until the state has taken this many steps in all (a resumed run stops where an
             uninterrupted one would).
-        eval_step, eval_loader: e.g. from :func:`~functrain.make_eval_step`; the means of its
+        eval_step: e.g. from :func:`~functrain.make_eval_step`; the means of its
             metrics over ``eval_loader`` are logged as ``history["eval"]``.
+        eval_loader: the evaluation batches; give both or neither of ``eval_step`` and ``eval_loader``.
         eval_every: evaluate every this many steps; default: at the end of every epoch.
         callbacks: :class:`~functrain.Callback` objects; default: a progress bar and
             :class:`~functrain.callbacks.StopOnNonFinite`. A list you pass replaces the defaults.

@@ -374,6 +374,7 @@ def test_too_many_non_finite_steps_raise_compiled_as_in_eager(composed):
         return None
 
     eager_call = calls_until_raise(step)
+    compiled(params, tx.init(params), gradient(params, 0))  # compiles here if this worker has not yet
     with torch.compiler.set_stance("fail_on_recompile"):
         compiled_call = calls_until_raise(compiled)
     # Windows 1-3 end at calls 1, 3, 5 with counts 1-3 (allowed); the 4th window would end at

@@ -140,6 +140,9 @@ def inject_hyperparams(
         )
     name = getattr(factory, "__name__", type(factory).__name__)
     signature = inspect.signature(factory)
+    # How each argument is passed, as plain tuples: the factory is called again inside a traced
+    # update, where torch.compile cannot look through inspect's objects.
+    layout = tuple((p.name, p.kind) for p in signature.parameters.values())
     static_args = frozenset(static_args)
 
     @functools.wraps(factory)
@@ -157,8 +160,8 @@ def inject_hyperparams(
         static = {arg: value for arg, value in bound.arguments.items() if arg not in injected}
 
         def call(hyperparams: dict[str, Any]) -> GradientTransformation:
-            arguments = inspect.BoundArguments(signature, {**static, **hyperparams})  # type: ignore[arg-type]
-            return factory(*arguments.args, **arguments.kwargs)
+            args, kwargs = _arguments(layout, {**static, **hyperparams})
+            return factory(*args, **kwargs)
 
         # The factory's own checks, once, on the initial values (a schedule at count 0).
         call(_values_at(injected, torch.zeros((), dtype=torch.int64), _initial(injected)))
@@ -189,6 +192,28 @@ def inject_hyperparams(
         return GradientTransformation(init, update)
 
     return build
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _arguments(layout: tuple, values: dict[str, Any]) -> tuple[list, dict]:
+    """``(args, kwargs)`` that call a function of this ``layout`` with ``values`` (every parameter
+    present, as after ``apply_defaults``): what ``inspect.BoundArguments`` computes, in plain Python."""
+    args: list = []
+    kwargs: dict = {}
+    for arg, kind in layout:
+        if arg not in values:
+            continue
+        if kind in _POSITIONAL:
+            args.append(values[arg])
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            args.extend(values[arg])
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(values[arg])
+        else:
+            kwargs[arg] = values[arg]
+    return args, kwargs
 
 
 def _bind(signature: inspect.Signature, name: str, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -343,6 +368,10 @@ def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[...,
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:
+        if not any(_has_schedule(v) for v in (*args, *kwargs.values())):
+            # The common case, and the only one inside a traced update (inject_hyperparams passes
+            # tensors): no signature work, which torch.compile cannot trace through.
+            return factory(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         scheduled = {
             name
