@@ -2,6 +2,7 @@
 
 from . import (
     callbacks as callbacks,
+    data as data,
     distributed as distributed,
     optimisers as optimisers,
     schedules as schedules,
@@ -111,6 +112,7 @@ __all__ = [
     "chain",
     "clip",
     "clip_by_global_norm",
+    "data",
     "default_device",
     "distributed",
     "dynamic_loss_scale",

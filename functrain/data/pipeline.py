@@ -1,0 +1,577 @@
+"""``make_loader``: a map-style dataset as a resumable, sharded, augmenting ``torchdata.nodes`` pipeline.
+
+.. code-block:: text
+
+    _BatchIndices   this rank's share of epoch e's permutation (DistributedSampler's), cut into
+                    batches of indices per epoch (drop_last by default: static shapes for compiled
+                    steps), epoch after epoch, from the loader's cursor
+    ParallelMapper  _LoadBatch in num_workers threads (or processes): for each sample, dataset[index],
+                    HWC uint8 -> CHW, transform, under a random stream seeded by (seed, epoch, index);
+                    then collate (default_collate); (CPU target) then _Finish: uint8 images ->
+                    dtype, channels_last, batch_transform. Holds up to 2 * num_workers batches ahead.
+    PinMemory       (CUDA target) page-locked batches, so the copies below can be asynchronous
+    Prefetcher      ``prefetch`` batches ready ahead: after PinMemory, or with num_workers=0 (the
+                    loading then runs in its thread); with workers on the CPU the mapper's queues
+                    are the prefetch buffer already, and one more thread hop would only cost
+    Loader          cuts the endless stream into epochs; (CUDA target) the next batch's non-blocking
+                    copy and _Finish run on a side stream while the current batch is being used
+
+Batching happens before the parallel map (each work item is a batch of indices, collated in the
+worker), as ``DataLoader`` does and as torchdata recommends for small items: one queue hop per batch
+instead of per sample. The stream runs across epoch boundaries, so workers start once, not per
+epoch, and the next epoch's first batches are prefetched while this one ends.
+
+Resuming: the loader's state is a cursor, ``(epoch, batch)``, plus a fingerprint of the pipeline.
+Every sample's augmentation is a pure function of (seed, epoch, index) and every batch transform's of
+(seed, epoch, rank, batch), so restarting the pipeline at the cursor replays nothing and reproduces
+the uninterrupted run exactly. (``torchdata.nodes.Loader`` instead snapshots every node and replays
+the items produced since; its end-of-epoch case needs a look-ahead and a restart. Here the cursor
+rolls over to ``(epoch + 1, 0)`` the moment an epoch's last batch is handed out, so a state saved at
+the boundary resumes at the next epoch: neither skipped nor replayed.)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import math
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+import torchdata.nodes as tn
+from torch import Tensor
+from torch.utils.data import DistributedSampler, default_collate
+
+from .. import _validate
+from ._layout import _map, _tensors, to_chw
+from ._rng import _MAIN_PID, derive_seed, sample_rng
+
+_OWNER = "make_loader"
+
+
+class SampleError(RuntimeError):
+    """Loading or transforming one sample failed; the message names the sample's index and epoch."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process of the pipeline died (killed, crashed, or exited) before its epoch ended."""
+
+
+# ----------------------------------------------------------------------------- nodes and stages
+
+
+class _BatchIndices(tn.BaseNode):
+    """This rank's batches of indices, epoch after epoch without end: ``(epoch, number, indices)``.
+
+    Epoch ``e``'s order is ``DistributedSampler``'s (permutation seeded by seed + e, this rank's
+    share), cut into ``batch_size`` pieces per epoch (so no batch spans two epochs; with
+    ``drop_last`` the short tail is dropped). The stream never ends: the loader cuts it into epochs
+    by count, so workers and prefetched batches carry over from one epoch to the next. The loader
+    sets ``epoch`` and ``number`` (where to start) before a ``reset()``.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, n_batches: int):
+        super().__init__()
+        self.sampler, self.batch_size, self.n_batches = sampler, batch_size, n_batches
+        self.epoch, self.number = 0, 0
+
+    def reset(self, initial_state: dict | None = None):
+        super().reset(initial_state)
+        if initial_state is not None:
+            self.epoch, self.number = initial_state["epoch"], initial_state["batch"]
+        self._start_epoch(self.epoch)
+        self._number = self.number
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._epoch, self._order = epoch, list(self.sampler)
+
+    def next(self) -> tuple[int, int, list[int]]:
+        if self._number == self.n_batches:
+            self._start_epoch(self._epoch + 1)
+            self._number = 0
+        number, start = self._number, self._number * self.batch_size
+        self._number += 1
+        return self._epoch, number, self._order[start : start + self.batch_size]
+
+    def get_state(self) -> dict:
+        return {"epoch": self._epoch, "batch": self._number}
+
+
+class _Batch(NamedTuple):
+    epoch: int
+    number: int  # the batch's number within its epoch on this rank
+    data: Any
+
+
+class _LoadBatch:
+    """Loads, converts and transforms each sample of a batch of indices, then collates them.
+
+    Runs in the worker threads (or processes). Each sample draws its random numbers from a stream
+    seeded by ``(seed, epoch, index)``: the same augmentation whichever worker runs it, when.
+    """
+
+    def __init__(self, dataset, transform, seed: int, collate: Callable, finish: Callable | None):
+        self.dataset, self.transform, self.seed, self.collate = dataset, transform, seed, collate
+        self.finish = finish  # the batch's CPU end (_Finish) when batches stay on the CPU
+
+    def __call__(self, item: tuple[int, int, list[int]]) -> _Batch:
+        epoch, number, indices = item
+        # In a worker process nothing else draws from the global CPU generator: reseeding it per
+        # sample is exact and free. In a thread, a thread-local mode redirects the draws instead.
+        rng = None if os.getpid() != _MAIN_PID else sample_rng(0)
+        samples = []
+        with rng if rng is not None else contextlib.nullcontext():
+            for index in indices:
+                seed = derive_seed(self.seed, epoch, index)
+                if rng is None:
+                    torch.default_generator.manual_seed(seed)
+                else:
+                    rng.reseed(seed)
+                try:
+                    sample = to_chw(self.dataset[index])
+                    if self.transform is not None:
+                        sample = self.transform(sample)
+                except Exception as error:
+                    raise SampleError(
+                        f"functrain.data: sample {index} (epoch {epoch}) failed: {type(error).__name__}: {error}"
+                    ) from error
+                samples.append(sample)
+        batch = _Batch(epoch, number, self.collate(samples))
+        return batch if self.finish is None else self.finish(batch)
+
+
+class _Finish:
+    """The per-batch end of the pipeline: optional move to ``device``, uint8 images (4-d uint8
+    tensors) to ``dtype`` scaled to [0, 1] (as ``v2.ToDtype(dtype, scale=True)``), channels_last for
+    4-d floating tensors, then ``batch_transform`` under a stream seeded by (seed, epoch, rank, batch)."""
+
+    def __init__(self, device, dtype, channels_last: bool, batch_transform, seed: int, rank: int):
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+        self.batch_transform, self.seed, self.rank = batch_transform, seed, rank
+
+    def _leaf(self, x: Any) -> Any:
+        if not isinstance(x, Tensor):
+            return x
+        if self.device is not None:
+            x = x.to(self.device, non_blocking=True)
+        if self.dtype is not None and x.dtype == torch.uint8 and x.ndim == 4:
+            x = _to_dtype(x, self.dtype)
+        if self.channels_last and x.ndim == 4 and x.is_floating_point():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __call__(self, batch: _Batch) -> _Batch:
+        data = _map(self._leaf, batch.data)
+        if self.batch_transform is not None:
+            with sample_rng(derive_seed(self.seed, batch.epoch, self.rank, batch.number, 0xBA7C)):
+                data = self.batch_transform(data)
+        return batch._replace(data=data)
+
+
+# ----------------------------------------------------------------------------- the loader
+
+
+class Loader:
+    """An epoch-aware, resumable iterable of batches; build one with :func:`make_loader`.
+
+    The contract a training loop relies on:
+
+    - ``for batch in loader`` yields the rest of the current epoch, then stops; iterating again yields
+      the next epoch, shuffled by ``seed + epoch``. Breaking out leaves the cursor where it stopped:
+      the next ``iter()`` continues that epoch (``set_epoch(e)`` jumps to the start of epoch ``e``).
+    - ``len(loader)`` is the number of batches per epoch on this rank (the same on every rank).
+    - ``loader.epoch`` / ``loader.batch`` is the cursor: the next batch to come is number ``batch``
+      of epoch ``epoch``. A batch counts as consumed once handed out, so after the last batch of an
+      epoch the cursor reads ``(epoch + 1, 0)``, before and after the ``for`` loop ends.
+    - ``loader.state_dict()`` (a dict of ints, safe for ``torch.save`` / ``weights_only`` loading),
+      taken anywhere, loaded with ``load_state_dict`` into a freshly built loader of the same
+      pipeline, makes the new loader yield exactly the batches the old one would have yielded next,
+      augmentation included. A state_dict of another pipeline (dataset length, batch size, seed,
+      shuffle, drop_last, rank or world size differ) raises ``ValueError``.
+    - One iteration at a time: starting a second ``iter()`` invalidates the first.
+
+    The workers start on the first ``iter()`` and live as long as the loader; a loaded state or
+    ``set_epoch`` restarts them at the new cursor, an error restarts them on the next ``iter()``.
+    """
+
+    def __init__(self, *, batches, root, threaded, finish, n_batches, fingerprint, device, mapper, watch):
+        self._batches, self._root, self._threaded, self._finish = batches, root, threaded, finish
+        self._n_batches, self._fingerprint, self._device = n_batches, fingerprint, device
+        self._mapper, self._watch = mapper, watch
+        self.epoch, self.batch = 0, 0
+        self._stream: tuple[int, int] | None = None  # the next (epoch, batch) the pipeline will give
+        self._generation = 0
+        _LIVE.add(self)
+
+    def __len__(self) -> int:
+        return self._n_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves the cursor to the first batch of ``epoch``."""
+        self.epoch, self.batch = _validate.integer("Loader.set_epoch", "epoch", epoch, 0), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor and the pipeline's fingerprint, as a dict of ints and bools."""
+        return {"epoch": self.epoch, "batch": self.batch, "fingerprint": dict(self._fingerprint)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Moves the cursor to a state saved by :meth:`state_dict`, after checking it came from a pipeline
+        built the same way."""
+        if not isinstance(state_dict, dict) or not {"epoch", "batch", "fingerprint"} <= state_dict.keys():
+            raise ValueError(
+                "Loader.load_state_dict: expected a dict from Loader.state_dict() (epoch, batch, fingerprint)"
+            )
+        theirs = state_dict["fingerprint"]
+        for key, ours in self._fingerprint.items():
+            if theirs.get(key) != ours:
+                raise ValueError(
+                    f"Loader.load_state_dict: the state_dict is from another pipeline: {key} is {theirs.get(key)!r} "
+                    f"in the state_dict but {ours!r} in this loader"
+                )
+        epoch, batch = int(state_dict["epoch"]), int(state_dict["batch"])
+        if not 0 <= batch <= self._n_batches:
+            raise ValueError(f"Loader.load_state_dict: batch {batch} is outside this epoch's {self._n_batches} batches")
+        self.epoch, self.batch = (epoch + 1, 0) if batch == self._n_batches else (epoch, batch)
+        self._generation += 1  # an iteration in progress must not go on from the old cursor
+
+    def __iter__(self) -> Iterator[Any]:
+        self._generation += 1
+        return self._epoch(self._generation)
+
+    def __del__(self) -> None:
+        # An orderly stop (readers before worker processes) rather than torchdata's own on collection.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    def close(self) -> None:
+        """Stops the pipeline's threads and worker processes now (the next ``iter()`` starts them
+        again at the cursor). Called for every live loader when the interpreter exits: a daemon
+        thread still inside a torch op at exit would abort the process.
+
+        Reaches into torchdata 0.11's iterators: they stop on their own only at the end of their
+        stream, and this one has no end.
+        """
+        self._generation += 1
+        self._stream = None
+        for node in self._threaded:  # Prefetcher, PinMemory: one thread each
+            it = getattr(node, "_it", None)
+            if it is not None:
+                it._stop_event.set()
+        mapper = getattr(getattr(self._mapper, "_it", None), "_it", None)
+        if mapper is not None and hasattr(mapper, "_workers"):
+            # The threads reading from the workers stop first: a tensor from a worker process is
+            # fetched from that process while it is unpickled, so the worker must outlive the reader.
+            mapper._stop.set()
+            for thread in (mapper._read_thread, mapper._sort_thread):
+                if thread.is_alive():
+                    thread.join(timeout=1)
+            mapper._mp_stop.set()
+            _drain(mapper._in_q)  # workers leave once the stop is set and their input queue is empty
+            for worker in mapper._workers:
+                worker.join(timeout=5)
+                if worker.is_alive() and hasattr(worker, "terminate"):
+                    worker.terminate()
+                    worker.join(timeout=1)
+        for node in self._threaded:
+            it = getattr(node, "_it", None)
+            if it is not None and it._thread.is_alive():
+                it._thread.join(timeout=5)
+
+    def _epoch(self, generation: int) -> Iterator[Any]:
+        epoch, start = self.epoch, self.batch
+        if self._stream != (epoch, start):  # first use, a loaded state, set_epoch, an error: restart there
+            self._batches.epoch, self._batches.number = epoch, start
+            self._root.reset()  # (re)starts the workers; a previous pipeline's are shut down
+            self._stream = (epoch, start)
+        watchdog = _Watchdog(self._mapper) if self._watch else None
+        cuda = self._device is not None and self._device.type == "cuda"
+        stream = torch.cuda.Stream(self._device) if cuda else None
+        try:
+            # On CUDA the next batch is pulled, copied and finished on the side stream one batch
+            # ahead, so its copy overlaps the current batch's compute; elsewhere no lookahead (an
+            # error then surfaces at the batch it belongs to).
+            pending = self._pull(stream, watchdog) if stream is not None else None
+            for number in range(start, self._n_batches):
+                if generation != self._generation:
+                    raise RuntimeError("Loader: another iteration of this loader started (or a state was loaded)")
+                if stream is None:
+                    batch, _ = self._pull(stream, watchdog)
+                else:
+                    batch, ready = pending
+                    if number + 1 < self._n_batches:
+                        pending = self._pull(stream, watchdog)
+                    current = torch.cuda.current_stream(self._device)
+                    current.wait_event(ready)
+                    for t in _tensors(batch):
+                        t.record_stream(current)  # made on the side stream, used on this one
+                self.epoch, self.batch = (epoch + 1, 0) if number + 1 == self._n_batches else (epoch, number + 1)
+                yield batch
+        except Exception:
+            if generation == self._generation:  # (a superseded iteration leaves the pipeline alone)
+                self.close()  # the pipeline broke or is out of step: stop it; the next iter() restarts it
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+
+    def _pull(self, stream, watchdog) -> tuple[Any, Any]:
+        """The pipeline's next batch, checked to be the one expected; on CUDA, copied and finished on
+        ``stream``, with the event that marks it ready."""
+        epoch, number = self._stream
+        try:
+            item = next(self._root)
+        except StopIteration:
+            if watchdog is not None and watchdog.dead is not None:
+                raise WorkerError(watchdog.describe()) from None
+            raise RuntimeError(f"Loader: the pipeline stopped before batch {number} of epoch {epoch}") from None
+        if watchdog is not None and watchdog.dead is not None:
+            raise WorkerError(watchdog.describe())
+        if (item.epoch, item.number) != (epoch, number):  # ParallelMapper keeps order: a bug if not
+            raise RuntimeError(f"Loader: expected batch {number} of epoch {epoch}, got {item.number} of {item.epoch}")
+        self._stream = (epoch + 1, 0) if number + 1 == self._n_batches else (epoch, number + 1)
+        if self._device is None:  # finished in the worker already
+            return item.data, None
+        if stream is None:  # a device without streams here: finish in line
+            return self._finish(item).data, None
+        with torch.cuda.stream(stream):
+            item = self._finish(item)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return item.data, ready
+
+
+def _to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``v2.ToDtype(dtype, scale=True)`` of a uint8 image batch (torchvision imported on first use, so
+    ``import functrain`` stays light)."""
+    from torchvision.transforms.v2.functional import to_dtype
+
+    return to_dtype(x, dtype, scale=True)
+
+
+def _drain(q) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+    except (OSError, ValueError):  # a multiprocessing queue already closed
+        pass
+
+
+_LIVE: weakref.WeakSet[Loader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
+
+
+class _Watchdog(threading.Thread):
+    """Watches a process-mode ParallelMapper's workers: torchdata 0.11 waits forever for the output of
+    a worker that died, so when one dies the watchdog stops the mapper (its iterator then ends) and
+    the loader raises :class:`WorkerError` instead of hanging."""
+
+    def __init__(self, mapper: tn.ParallelMapper):
+        super().__init__(daemon=True, name="functrain-data-watchdog")
+        self.mapper, self.dead = mapper, None
+        self._stop_event = threading.Event()
+        self.start()
+
+    def _iterator(self):
+        # torchdata 0.11 internals: ParallelMapper._it (_ParallelMapperImpl)._it (_ParallelMapperIter)
+        return getattr(getattr(self.mapper, "_it", None), "_it", None)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.05):
+            it = self._iterator()
+            if it is None or it._stop.is_set() or it._mp_stop.is_set():  # not started, or stopping
+                continue
+            for worker in it._workers:
+                if not worker.is_alive():
+                    # Stop the mapper's readers (its iterator then ends); the loader's close() then
+                    # stops the other workers, after the readers, so no read is cut off midway.
+                    self.dead = worker
+                    it._stop.set()
+                    return
+
+    def describe(self) -> str:
+        code = self.dead.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return (
+            f"Loader: worker process {self.dead.pid} {how} before its epoch ended "
+            "(out of memory? a crash in native code? os._exit in the dataset?)"
+        )
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+# ----------------------------------------------------------------------------- the builder
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+    transform: Callable | None = None,
+    batch_transform: Callable | None = None,
+    num_workers: int = 2,
+    worker_method: str = "thread",
+    multiprocessing_context: str | None = None,
+    prefetch: int = 2,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    channels_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    collate: Callable = default_collate,
+) -> Loader:
+    """A map-style dataset as a shuffled, augmented, batched, resumable :class:`Loader`.
+
+    Per sample (in ``num_workers`` threads, or processes with ``worker_method="process"``):
+    ``dataset[index]``, images to CHW uint8 tensors (:func:`to_chw`), ``transform(sample)``. Per
+    batch: ``collate`` (``default_collate``), the move to ``device`` (non-blocking from pinned
+    memory, one batch ahead, on a side CUDA stream), 4-d uint8 tensors to ``dtype`` scaled to [0, 1]
+    (after the copy: a quarter of the bytes cross the bus), ``channels_last``, then
+    ``batch_transform(batch)`` (e.g. ``v2.CutMix``), on the device.
+
+    Random augmentation is reproducible: a sample's random draws (torch's sampling functions, in
+    ``dataset[index]`` and ``transform``) come from a stream seeded by (seed, epoch, index), and a
+    batch transform's from one seeded by (seed, epoch, rank, batch), whatever the number of workers or
+    their scheduling, and without touching torch's global generator.
+
+    Args:
+        dataset: anything with ``__getitem__`` and ``__len__`` (torchvision datasets, :func:`digits`).
+        batch_size: samples per batch.
+        shuffle: a new permutation each epoch, seeded by ``seed + epoch`` (``DistributedSampler``'s).
+        seed: seeds the permutations and every random augmentation.
+        drop_last: drop each epoch's incomplete last batch (static shapes for compiled steps).
+        transform: applied to each sample, e.g. a ``torchvision.transforms.v2`` pipeline (which
+            transforms the image of an ``(image, label)`` tuple and passes the label through).
+        batch_transform: applied to each collated batch on the device, e.g. ``v2.MixUp``.
+        num_workers: worker threads (or processes), each loading whole batches; up to
+            ``2 * num_workers`` batches are in flight. 0 loads in the prefetching thread.
+        worker_method: ``"thread"`` (default: no pickling, no start-up cost; fast when the work
+            releases the GIL, as JPEG decoding and resizing do; the thread-local random streams
+            route every torch call of the transform through a Python hook, ~2 us each) or
+            ``"process"`` (small samples where Python work dominates; no hook: each process
+            reseeds its own generator).
+        multiprocessing_context: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for processes.
+        prefetch: batches the Prefetcher keeps ready (used on CUDA and with ``num_workers=0``).
+        device: where batches are delivered; ``None`` keeps them on the CPU.
+        dtype: what 4-d uint8 tensors (image batches) become; ``None`` keeps uint8.
+        channels_last: give 4-d floating tensors the channels_last memory format.
+        rank: this process's rank in data-parallel runs: every rank sees a disjoint
+            ``1/world_size`` of each epoch's permutation and the same number of batches
+            (``DistributedSampler``'s split: with ``drop_last=False`` a few samples repeat to even
+            the ranks out).
+        world_size: the number of ranks sharing each epoch.
+        collate: turns a list of samples into a batch.
+
+    Returns:
+        A :class:`Loader`: ``for batch in loader`` is one epoch, ``len(loader)`` its batches.
+
+    Raises:
+        ValueError: a bad argument, or ``drop_last`` with ``batch_size`` larger than the samples a
+            rank sees per epoch (every epoch would be empty).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> data = torch.utils.data.TensorDataset(torch.arange(10.0), torch.arange(10))
+        >>> loader = ft.data.make_loader(data, batch_size=4, seed=0)
+        >>> len(loader), [y.tolist() for _, y in loader]
+        (2, [[4, 1, 7, 5], [3, 9, 0, 8]])
+        >>> state = loader.state_dict()                       # epoch 1, batch 0
+        >>> first = next(iter(loader))[1].tolist()
+        >>> resumed = ft.data.make_loader(data, batch_size=4, seed=0)
+        >>> resumed.load_state_dict(state)
+        >>> next(iter(resumed))[1].tolist() == first
+        True
+    """
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"{_OWNER}: dataset must be map-style (__getitem__ and __len__), got {type(dataset).__name__}")
+    batch_size = _validate.integer(_OWNER, "batch_size", batch_size, 1)
+    seed = _validate.integer(_OWNER, "seed", seed, 0)
+    num_workers = _validate.integer(_OWNER, "num_workers", num_workers, 0)
+    prefetch = _validate.integer(_OWNER, "prefetch", prefetch, 1)
+    world_size = _validate.integer(_OWNER, "world_size", world_size, 1)
+    rank = _validate.integer(_OWNER, "rank", rank, 0, world_size - 1)
+    _validate.one_of(_OWNER, "worker_method", worker_method, ("thread", "process"))
+    for name, value in (("transform", transform), ("batch_transform", batch_transform), ("collate", collate)):
+        if value is not None and not callable(value):
+            raise TypeError(f"{_OWNER}: {name} must be callable, got {type(value).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{_OWNER}: dtype must be a floating torch.dtype or None, got {dtype!r}")
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "cpu":
+        device = None  # batches are made on the CPU: nothing to move
+
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{_OWNER}: the dataset is empty")
+    sampler = DistributedSampler(
+        range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    per_rank = sampler.num_samples
+    n_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    if n_batches == 0:
+        raise ValueError(
+            f"{_OWNER}: batch_size {batch_size} is larger than the {per_rank} samples each of the {world_size} "
+            f"rank(s) sees per epoch (dataset of {n}): with drop_last=True every epoch would be empty; "
+            "lower batch_size or pass drop_last=False"
+        )
+
+    batches = _BatchIndices(sampler, batch_size, n_batches)
+    finish = _Finish(device, dtype, channels_last, batch_transform, seed, rank)
+    mapper = tn.ParallelMapper(
+        batches,
+        # Batches that stay on the CPU are finished in the worker, right after collation.
+        _LoadBatch(dataset, transform, seed, collate, finish if device is None else None),
+        num_workers=num_workers,
+        method=worker_method,
+        multiprocessing_context=multiprocessing_context,
+        snapshot_frequency=0,  # the loader's state is its cursor: no per-item snapshots needed
+    )
+    node: tn.BaseNode = mapper
+    threaded = []
+    if device is not None and device.type == "cuda":
+        node = tn.PinMemory(node, snapshot_frequency=0)
+        threaded.append(node)
+    if num_workers == 0 or threaded:
+        # With workers, the ParallelMapper's queues already hold up to 2 * num_workers batches
+        # ahead; a Prefetcher on top would only add a thread hop per batch. It is needed when the
+        # loading runs inline (it then runs in the Prefetcher's thread) and after PinMemory.
+        node = tn.Prefetcher(node, prefetch_factor=prefetch, snapshot_frequency=0)
+        threaded.insert(0, node)
+    fingerprint = {
+        "dataset_length": n,
+        "batch_size": batch_size,
+        "seed": seed,
+        "shuffle": bool(shuffle),
+        "drop_last": bool(drop_last),
+        "rank": rank,
+        "world_size": world_size,
+    }
+    return Loader(
+        batches=batches,
+        root=node,
+        threaded=threaded,
+        finish=finish,
+        n_batches=n_batches,
+        fingerprint=fingerprint,
+        device=device,
+        mapper=mapper,
+        watch=worker_method == "process" and num_workers > 0,
+    )
