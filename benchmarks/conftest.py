@@ -59,7 +59,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-warmup-rounds", type=int, default=None, help="warm-up rounds (overrides the scale's).")
 
 
+_LOAD_AT_START: float | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global _LOAD_AT_START
+    _LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     # argparse's `choices` does not check a default that came from the environment.
     scale = config.getoption("--bench-scale")
     if scale not in SCALES:
@@ -76,6 +81,16 @@ class BenchConfig:
     device: torch.device
     rounds: int
     warmup_rounds: int
+    rounds_given: bool = False  # --bench-rounds was on the command line: it wins over a group's own count
+
+    @property
+    def smoke(self) -> bool:
+        return self.scale.name == "smoke"
+
+    def rounds_for(self, full_rounds: int) -> int:
+        """A group's timed rounds: ``full_rounds`` at full scale (fast steps need more rounds for a
+        steady median), the scale's count in smoke mode or when ``--bench-rounds`` is given."""
+        return full_rounds if self.scale.name == "full" and not self.rounds_given else self.rounds
 
 
 def _bench_config(config: pytest.Config) -> BenchConfig:
@@ -87,6 +102,7 @@ def _bench_config(config: pytest.Config) -> BenchConfig:
         device=torch.device(config.getoption("--bench-device")),
         rounds=scale.rounds if rounds is None else rounds,
         warmup_rounds=scale.warmup_rounds if warmup is None else warmup,
+        rounds_given=rounds is not None,
     )
 
 
@@ -123,6 +139,10 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "torch_num_threads": torch.get_num_threads(),
+        # Other processes' load skews timings on a small box: the 1-minute load average when the
+        # session started and when the JSON was written (a quiet 2-core machine reads below 1).
+        "load_average_start": _LOAD_AT_START,
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -196,30 +216,53 @@ def run_steps(benchmark, bench_config: BenchConfig, param_shapes) -> Callable[..
     ``step`` must carry its own state from call to call (a real training loop's trajectory). Under
     ``--benchmark-disable`` pytest-benchmark calls it exactly once, untimed.
     """
-    device = bench_config.device
 
     def run(step: Callable[[], None], **extra_info) -> None:
-        target = step
-        if device.type == "cuda":
-
-            def target() -> None:
-                step()
-                torch.cuda.synchronize(device)
-
-            torch.cuda.synchronize(device)
         n_params = sum(_numel(shape) for shape in param_shapes.values())
-        benchmark.extra_info.update(
-            scale=bench_config.scale.name,
-            device=str(device),
-            n_params=n_params,
-            n_tensors=len(param_shapes),
-            dtype="float32",
-            torch_num_threads=torch.get_num_threads(),
-            **extra_info,
-        )
-        benchmark.pedantic(target, rounds=bench_config.rounds, warmup_rounds=bench_config.warmup_rounds, iterations=1)
+        _time(benchmark, bench_config, step, n_params=n_params, n_tensors=len(param_shapes), **extra_info)
 
     return run
+
+
+@pytest.fixture
+def time_step(benchmark, bench_config: BenchConfig) -> Callable[..., None]:
+    """``time_step(step, rounds=None, warmup_rounds=None, **extra_info)``: as :func:`run_steps`, for
+    benchmarks that bring their own model (``extra_info`` should give ``n_params``). ``rounds``
+    is the group's full-scale round count (see :meth:`BenchConfig.rounds_for`)."""
+
+    def run(step: Callable[[], None], rounds: int | None = None, warmup_rounds: int | None = None, **extra_info):
+        _time(
+            benchmark,
+            bench_config,
+            step,
+            rounds=bench_config.rounds if rounds is None else bench_config.rounds_for(rounds),
+            warmup_rounds=warmup_rounds,
+            **extra_info,
+        )
+
+    return run
+
+
+def _time(benchmark, cfg: BenchConfig, step: Callable[[], None], rounds=None, warmup_rounds=None, **extra) -> None:
+    """One ``step()`` per round with ``benchmark.pedantic``; on CUDA each round ends with a synchronise."""
+    device = cfg.device
+    target = step
+    if device.type == "cuda":
+
+        def target() -> None:
+            step()
+            torch.cuda.synchronize(device)
+
+        torch.cuda.synchronize(device)
+    benchmark.extra_info.update(
+        scale=cfg.scale.name, device=str(device), dtype="float32", torch_num_threads=torch.get_num_threads(), **extra
+    )
+    benchmark.pedantic(
+        target,
+        rounds=cfg.rounds if rounds is None else rounds,
+        warmup_rounds=cfg.warmup_rounds if warmup_rounds is None else warmup_rounds,
+        iterations=1,
+    )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
