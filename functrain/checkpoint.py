@@ -120,11 +120,14 @@ def load_checkpoint(
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint (no '{FORMAT}' marker)")
     state = _matched(path, payload["state"], like)
+    if loader is None and not restore_rng:
+        return state, payload["progress"]  # the weights alone, e.g. to evaluate: any number of processes
     ranks = payload["ranks"]
     if len(ranks) != distributed.world_size():
         raise ValueError(
             f"load_checkpoint: '{path}' was saved by {len(ranks)} process(es) and is loaded by "
-            f"{distributed.world_size()}: resume with the same number of ranks"
+            f"{distributed.world_size()}: resume with the same number of ranks (or pass loader=None, "
+            f"restore_rng=False to load only the state)"
         )
     mine = ranks[distributed.rank()]
     if loader is not None and mine["loader"] is not None:

@@ -403,8 +403,9 @@ def fit(
                 state = loop.step_end(state, metrics)
                 if loop.finished:
                     break
-        if loop.finished:
-            break
+        at_epoch_end = loop.steps_per_epoch is not None and loop.batch >= loop.steps_per_epoch
+        if loop.finished and not at_epoch_end:
+            break  # stopped mid-epoch; a run whose last step ends an epoch still ends that epoch (and evaluates)
         if loop.batch == 0:
             raise ValueError("fit: train_loader yielded no batches")
         state = loop.epoch_end(state)

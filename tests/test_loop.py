@@ -424,3 +424,15 @@ def test_bad_arguments():
         ft.fit(step, state, [], epochs=1, callbacks=[])
     with pytest.raises(ValueError, match="pass checkpoint= as well"):
         ft.fit(step, state, loader, epochs=1, callbacks=[], resume=True)
+
+
+def test_steps_that_end_an_epoch_still_end_it_and_evaluate():
+    """``steps=`` landing on an epoch boundary runs the epoch's end (evaluation, callbacks) as ``epochs=`` would."""
+    x, y = make_data(n=8, seed=9)
+    runs = []
+    for until in ({"steps": 10}, {"epochs": 2}):  # 5 batches per epoch
+        _, step, evaluate, state, loader = make_problem()
+        runs.append(ft.fit(step, state, loader, eval_step=evaluate, eval_loader=[(x, y)], callbacks=[], device="cpu",
+                           **until)[1])  # fmt: skip
+    assert len(runs[0]["eval"]) == 2
+    assert runs[0] == runs[1]
