@@ -22,29 +22,17 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from step_memory import loss_fn, mlp  # noqa: E402 - the same model and loss as the memory script
+
 import functrain as ft  # noqa: E402
 
 _IMPORTED = time.perf_counter()
 
 IMPLEMENTATIONS = ("functrain-compiled", "functrain-compiled-inplace", "torch-compiled")
 SIZES = {"full": ((784, 512, 512, 10), 256), "smoke": ((8, 4, 4, 3), 8)}
-
-
-def mlp(widths: tuple[int, ...]) -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
-    return nn.Sequential(*layers)
-
-
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def make_step(impl: str, model: nn.Module):
