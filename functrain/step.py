@@ -305,7 +305,21 @@ def make_train_step(
         scaled = loss if loss_scale is None else loss * loss_scale
         return scaled, (loss.detach(), metrics)
 
-    grad_and_loss = torch.func.grad_and_value(loss_for_grad, has_aux=True)
+    functorch_grad_and_loss = torch.func.grad_and_value(loss_for_grad, has_aux=True)
+
+    def grad_and_loss(params, buffers, batch, loss_scale):
+        """``torch.func.grad_and_value`` of the loss; in plain eager mode the same gradients by
+        ``torch.autograd.grad`` on detached leaves, which skips functorch's per-op wrapping."""
+        leaves, spec = _tree.flatten(params)
+        if not _tree.fast_path_ok(leaves):  # compiling, inside vmap/grad, or differentiating through the step
+            return functorch_grad_and_loss(params, buffers, batch, loss_scale)
+        inputs = [p.detach().requires_grad_() for p in leaves]
+        with torch.enable_grad():
+            scaled, (loss, metrics) = loss_for_grad(_tree.unflatten(inputs, spec), buffers, batch, loss_scale)
+        grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)]
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         _check_state("train step", forward.expected, state)

@@ -548,3 +548,16 @@ def test_a_users_own_exception_class_reaches_them_unchanged():
     model, tx = mlp(batchnorm=False), ft.sgd(lr=0.1)
     with pytest.raises(BadShape, match="got 6, want 7"):
         ft.make_train_step(model, strict, tx)(ft.TrainState.create(model, tx), batches(1)[0])
+
+
+def test_eager_autograd_gradients_equal_the_functorch_path(monkeypatch):
+    """Plain eager steps take gradients with torch.autograd.grad (less per-op overhead); under
+    compile, vmap or grad they come from torch.func.grad_and_value. Both give the same step."""
+    model = mlp()
+    tx = ft.adamw(lr=1e-2)
+    data = batches(4)
+    fast, fast_metrics = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    monkeypatch.setattr(_tree, "fast_path_ok", lambda leaves: False)
+    slow, slow_metrics = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    assert_trees_equal(fast, slow, rtol=1e-12)
+    torch.testing.assert_close(fast_metrics, slow_metrics, rtol=1e-12, atol=0)
