@@ -14,6 +14,7 @@ is not timed. Sizes and rounds come from ``--bench-scale`` (see conftest.py).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -82,7 +83,8 @@ def torch_stepper(
 def make_stepper(impl: str, params, grads, functrain_tx, torch_cls, **torch_kwargs) -> Stepper:
     if impl == "functrain":
         return functrain_stepper(functrain_tx(), params, grads)
-    variant = TORCH_VARIANTS[impl]
+    accepted = inspect.signature(torch_cls).parameters  # e.g. Adafactor has no `fused` switch
+    variant = {k: v for k, v in TORCH_VARIANTS[impl].items() if k in accepted}
     return torch_stepper(lambda ps: torch_cls(ps, **torch_kwargs, **variant), params, grads)
 
 
@@ -117,4 +119,81 @@ def test_sgd_momentum_update(impl, params, grads, run_steps):
         momentum=MOMENTUM,
     )
     run_steps(stepper, optimizer="sgd-momentum", impl=impl)
+    stepper.check(params)
+
+
+# ----------------------------------------------------------------------------- more optimisers, and compiled
+
+# Adafactor and Muon have no fused torch.optim kernel; Muon orthogonalises matrices only (torch.optim.Muon
+# refuses vectors), so its group takes the matrices of the parameter set; Lion has no torch.optim class.
+UNFUSED_IMPLEMENTATIONS = ["functrain", "torch-forloop", "torch-foreach"]
+
+
+def compiled_functrain_stepper(tx, params, grads) -> Stepper:
+    """The update compiled with ``fullgraph=True`` and written into the state's tensors (in-place),
+    as a compiled train step does: the update alone, without the forward and backward."""
+    params = {k: v.clone() for k, v in params.items()}  # written in place: keep the caller's for check()
+    carry = {"params": params, "state": tx.init(params)}
+
+    def update(params, state, grads):
+        updates, new_state = tx.update(grads, state, params)
+        new_params = ft.apply_updates(params, updates)
+        for old, new in zip(ft._tree.leaves((params, state)), ft._tree.leaves((new_params, new_state))):
+            old.copy_(new)
+
+    compiled = torch.compile(update, fullgraph=True)
+
+    def step() -> None:
+        compiled(carry["params"], carry["state"], grads)
+
+    return Stepper(step, lambda: list(carry["params"].values()))
+
+
+@pytest.mark.benchmark(group="adamw-update")
+@pytest.mark.parametrize("impl", ["functrain-compiled"])
+def test_adamw_update_compiled(impl, params, grads, run_steps, bench_config):
+    """AdamW(lr=1e-3, weight_decay=1e-2): the compiled, in-place functrain update."""
+    if bench_config.scale.name == "smoke":
+        pytest.skip("compiling takes tens of seconds: not at --bench-scale smoke")
+    stepper = compiled_functrain_stepper(ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY), params, grads)
+    run_steps(stepper, optimizer="adamw", impl=impl)
+    stepper.check(params)
+
+
+@pytest.mark.benchmark(group="adafactor-update")
+@pytest.mark.parametrize("impl", UNFUSED_IMPLEMENTATIONS)
+def test_adafactor_update(impl, params, grads, run_steps):
+    """Adafactor(lr=1e-2): torch.optim's defaults."""
+    stepper = make_stepper(
+        impl, params, grads, functrain_tx=lambda: ft.adafactor(lr=1e-2), torch_cls=torch.optim.Adafactor, lr=1e-2
+    )
+    run_steps(stepper, optimizer="adafactor", impl=impl)
+    stepper.check(params)
+
+
+@pytest.mark.benchmark(group="muon-update")
+@pytest.mark.parametrize("impl", ["functrain", "torch-forloop"])
+def test_muon_update(impl, params, grads, run_steps):
+    """Muon(lr=1e-3) on two of the matrices: momentum 0.95, Nesterov, 5 Newton-Schulz steps.
+
+    Two, because each 1024 x 1024 matrix costs ~32 GFLOP of matmuls per step (seconds on a CPU)."""
+    matrices = dict([(k, v) for k, v in params.items() if v.ndim == 2][:2])
+    matrix_grads = {k: grads[k] for k in matrices}
+    if impl == "functrain":
+        stepper = functrain_stepper(ft.muon(lr=1e-3), matrices, matrix_grads)
+    else:
+        stepper = torch_stepper(lambda ps: torch.optim.Muon(ps, lr=1e-3), matrices, matrix_grads)
+    run_steps(stepper, optimizer="muon", impl=impl)
+    stepper.check(matrices)
+
+
+@pytest.mark.benchmark(group="lion-update")
+@pytest.mark.parametrize("impl", ["functrain", "functrain-compiled"])
+def test_lion_update(impl, params, grads, run_steps, bench_config):
+    """Lion(lr=1e-4): no torch.optim class to compare with; eager against compiled."""
+    if impl == "functrain-compiled" and bench_config.scale.name == "smoke":
+        pytest.skip("compiling takes tens of seconds: not at --bench-scale smoke")
+    make = functrain_stepper if impl == "functrain" else compiled_functrain_stepper
+    stepper = make(ft.lion(lr=1e-4), params, grads)
+    run_steps(stepper, optimizer="lion", impl=impl)
     stepper.check(params)
