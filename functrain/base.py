@@ -69,18 +69,26 @@ class EmptyState(NamedTuple):
     """State of a transformation that carries nothing between steps."""
 
 
+def empty_init(params: Params) -> EmptyState:
+    """The ``init`` of a transformation that carries nothing between steps."""
+    del params
+    return EmptyState()
+
+
+def require_params(owner: str, params: Params | None) -> None:
+    """Raises the error a transformation that reads the parameters gives when ``update`` got none."""
+    if params is None:
+        raise ValueError(f"{owner} needs params: call update(updates, state, params)")
+
+
 def identity() -> GradientTransformation:
     """The transformation that returns its updates unchanged and holds no state."""
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
 
     def update(updates, state, params=None, **extra):
         del params, extra
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _tree
-from .base import EmptyState, GradientTransformation, OptState, register_state
+from .base import GradientTransformation, OptState, empty_init, register_state
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -227,14 +227,10 @@ def set_to_zero() -> GradientTransformation:
         ({'w': tensor([0., 0.])}, EmptyState())
     """
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
         return _tree.map(torch.zeros_like, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)
 
 
 @register_state

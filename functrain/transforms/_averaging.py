@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from ..base import GradientTransformation, Params, register_state, step_count
+from ..base import GradientTransformation, Params, register_state, require_params, step_count
 
 cast = _tree.scalar_for
 
@@ -37,8 +37,7 @@ def polyak_averaging(t0: float | Tensor = 1e6) -> GradientTransformation:
         return PolyakAveragingState(count=step_count(params), ax=_tree.zeros_like(params))
 
     def update(updates, state, params=None, **extra):
-        if params is None:
-            raise ValueError("polyak_averaging needs params: call update(updates, state, params)")
+        require_params("polyak_averaging", params)
         new_params = _tree.add(params, updates)  # exactly what apply_updates will produce
         steps_past_t0 = state.count.to(torch.float64) - t0
         # torch.optim.ASGD computes mu at the end of the previous step and starts it at 1.

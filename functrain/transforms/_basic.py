@@ -8,20 +8,24 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import EmptyState, GradientTransformation, Params, Schedule, register_state, step_count
+from ..base import (
+    GradientTransformation,
+    Params,
+    Schedule,
+    empty_init,
+    register_state,
+    require_params,
+    step_count,
+)
 
 
 def scale(step_size: float | Tensor) -> GradientTransformation:
     """Multiplies updates by a constant: ``u <- step_size * u``."""
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
         return _tree.scale(updates, step_size), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)
 
 
 @register_state
@@ -76,13 +80,8 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0, mask: Any = None) ->
     """
     _validate.in_range("add_decayed_weights", "weight_decay", weight_decay, 0.0)
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
-        if params is None:
-            raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
+        require_params("add_decayed_weights", params)
         if mask is None:
             return _tree.add_scaled(updates, params, weight_decay), state
         # Decay the selected leaves as one (foreach-able) dict; the rest pass through.
@@ -92,7 +91,7 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0, mask: Any = None) ->
         grouped_updates[True] = _tree.add_scaled(grouped_updates[True], decayed, weight_decay)
         return _tree.ungroup(grouped_updates, assigned, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)
 
 
 @register_state
@@ -160,13 +159,8 @@ def descend_with_decoupled_decay(learning_rate: float | Tensor, weight_decay: fl
     allocation is a fresh, page-faulting buffer the size of the parameters.
     """
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
-        if params is None:
-            raise ValueError("descend_with_decoupled_decay needs params: call update(updates, state, params)")
+        require_params("descend_with_decoupled_decay", params)
         return _tree.scaled_sum(updates, -learning_rate, params, -learning_rate * weight_decay), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)

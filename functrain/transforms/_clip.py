@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import EmptyState, GradientTransformation, Updates
+from ..base import GradientTransformation, Updates, empty_init
 
 
 def clip(max_delta: float | Tensor) -> GradientTransformation:
@@ -27,10 +27,6 @@ def clip(max_delta: float | Tensor) -> GradientTransformation:
     _validate.not_a_schedule("clip", "max_delta", max_delta)
     _validate.in_range("clip", "max_delta", max_delta, 0.0)
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
         if not isinstance(max_delta, Tensor) and _tree.fast_path_ok(_tree.leaves(updates)):
 
@@ -47,7 +43,7 @@ def clip(max_delta: float | Tensor) -> GradientTransformation:
 
         return _tree.map(clamp_one, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)
 
 
 def _norm_order(owner: str, norm_type: float | int | str) -> float:
@@ -131,10 +127,6 @@ def clip_by_global_norm(max_norm: float | Tensor, norm_type: float | str = 2.0) 
     _validate.in_range("clip_by_global_norm", "max_norm", max_norm, 0.0)
     norm_type = _norm_order("clip_by_global_norm", norm_type)
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
         flat = _tree.leaves(updates)
         if not flat:
@@ -153,4 +145,4 @@ def clip_by_global_norm(max_norm: float | Tensor, norm_type: float | str = 2.0) 
             return _tree.foreach_map(rescale, updates)[0], state
         return _tree.map(lambda u: (u * coefficient.to(u.device)).to(u.dtype), updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)

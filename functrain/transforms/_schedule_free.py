@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from ..base import GradientTransformation, Params, register_state, step_count
+from ..base import GradientTransformation, Params, register_state, require_params, step_count
 from ._adam import _ema_of_squares
 
 cast = _tree.scalar_for
@@ -58,8 +58,7 @@ def scale_by_schedule_free(
         )
 
     def update(updates, state, params=None, **extra):
-        if params is None:
-            raise ValueError("scale_by_schedule_free needs params: call update(updates, state, params)")
+        require_params("scale_by_schedule_free", params)
         t = state.count.to(torch.float64) + 1  # the 1-based step
         lr = learning_rate * (torch.clamp(t / warmup_steps, max=1.0) if warmup_steps > 0 else 1.0)
         lr_max = torch.maximum(state.lr_max, _float64(lr, state.count))

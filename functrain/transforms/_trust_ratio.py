@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from ..base import EmptyState, GradientTransformation
+from ..base import GradientTransformation, empty_init, require_params
 
 cast = _tree.scalar_for
 
@@ -23,16 +23,11 @@ def scale_by_trust_ratio(trust_coefficient: float | Tensor = 1.0, eps: float | T
     tensors (biases) trainable; they take a plain step. Needs ``params``.
     """
 
-    def init(params):
-        del params
-        return EmptyState()
-
     def update(updates, state, params=None, **extra):
-        if params is None:
-            raise ValueError("scale_by_trust_ratio needs params: call update(updates, state, params)")
+        require_params("scale_by_trust_ratio", params)
         return _tree.map(lambda u, p: _scaled(u, p, trust_coefficient, eps), updates, params), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(empty_init, update)
 
 
 def _scaled(update: Tensor, param: Tensor, trust_coefficient, eps) -> Tensor:

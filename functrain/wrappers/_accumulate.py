@@ -87,11 +87,10 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
         # always g: it turns -0.0 into +0.0).
         mean = updates if every == 1 else _tree.map(lambda s: s / every, gradient_sum)
         inner_updates, inner_state = tx.update(mean, state.inner_state, params, **extra)
-        zeros = _tree.zeros_like(inner_updates)
-        return _tree.where(completes_window, inner_updates, zeros), AccumulateState(
+        return _tree.where_or_zero(completes_window, inner_updates), AccumulateState(
             mini_step=torch.where(completes_window, 0, state.mini_step + 1),
             gradient_step=state.gradient_step + completes_window.to(state.gradient_step.dtype),
-            gradient_sum=_tree.where(completes_window, _tree.zeros_like(gradient_sum), gradient_sum),
+            gradient_sum=_tree.where_or_zero(~completes_window, gradient_sum),
             inner_state=_tree.where(completes_window, inner_state, state.inner_state),
         )
 

@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import GradientTransformation, Hyperparameter, OptState, Params, register_state, step_count, value_at
+from ..base import (
+    GradientTransformation,
+    Hyperparameter,
+    OptState,
+    Params,
+    register_state,
+    require_params,
+    step_count,
+    value_at,
+)
 from ._common import find_one_state
 
 
@@ -60,8 +69,7 @@ def ema_params(decay: Hyperparameter = 0.999) -> GradientTransformation:
         return EmaParamsState(count=step_count(params), ema=_tree.map(torch.clone, params))
 
     def update(updates, state, params=None, **extra):
-        if params is None:
-            raise ValueError("ema_params needs params: call update(updates, state, params)")
+        require_params("ema_params", params)
         new_params = _tree.add(params, updates)  # exactly what apply_updates will produce
         weight = 1 - value_at(decay, state.count)
         first = state.count == 0  # AveragedModel copies then, rather than lerping with weight 1

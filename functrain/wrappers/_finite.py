@@ -78,7 +78,7 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
         finite = (_tree.all_finite(updates) & _tree.all_finite(inner_updates)).to(state.notfinite_count.device)
         notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
         torch._assert_async(notfinite_count <= max_consecutive_errors, message)
-        return _tree.where(finite, inner_updates, _tree.zeros_like(inner_updates)), ApplyIfFiniteState(
+        return _tree.where_or_zero(finite, inner_updates), ApplyIfFiniteState(
             notfinite_count=notfinite_count,
             last_finite=finite,
             total_notfinite=state.total_notfinite + (~finite).to(state.total_notfinite.dtype),
