@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import functrain as ft
 
-from .test_step import assert_trees_equal, batches, classification, mlp, run_steps
+from .test_step import assert_trees_equal, batches, classification, grad_scaler_run, mlp, run_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,17 +52,7 @@ def test_cuda_fp16_step_equals_grad_scaler():
     state, _ = run_steps(
         ft.make_train_step(model, classification, tx, precision="fp16"), ft.TrainState.create(model, tx), data
     )
-    reference = mlp(torch.float32, batchnorm=False).cuda()
-    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=2)
-    for batch in data:
-        opt.zero_grad()
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = classification(reference, batch)[0]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    expected = {k: v.detach() for k, v in reference.named_parameters()}
+    expected, scaler = grad_scaler_run(mlp(torch.float32, batchnorm=False).cuda(), data, "cuda")
     assert_trees_equal(state.params, expected, rtol=1e-5)
     assert state.opt_state.scale.item() == scaler.get_scale()
 

@@ -211,6 +211,21 @@ def test_fp16_needs_loss_scaling():
         step(ft.TrainState.create(model, tx), batches(1, dtype=torch.float32)[0])
 
 
+def grad_scaler_run(model, data, device):
+    """The imperative reference: fp16 autocast, torch.amp.GradScaler and torch.optim.Adam(lr=1e-2),
+    scale 2**10 growing every 2 clean steps. Returns the final params and the scaler."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
+    for batch in data:
+        opt.zero_grad()
+        with torch.autocast(device, dtype=torch.float16):
+            loss = classification(model, batch)[0]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return {k: v.detach() for k, v in model.named_parameters()}, scaler
+
+
 def test_fp16_step_equals_autocast_and_grad_scaler():
     """fp16 autocast + dynamic_loss_scale == torch.autocast + torch.amp.GradScaler + torch.optim, on CPU."""
     data = batches(6, dtype=torch.float32)
@@ -219,17 +234,8 @@ def test_fp16_step_equals_autocast_and_grad_scaler():
     state, metrics = run_steps(
         ft.make_train_step(model, classification, tx, precision="fp16"), ft.TrainState.create(model, tx), data
     )
-    reference = mlp(torch.float32, batchnorm=False)
-    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-    for batch in data:
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = classification(reference, batch)[0]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    assert_trees_equal(state.params, {k: v.detach() for k, v in reference.named_parameters()}, rtol=1e-6)
+    reference, scaler = grad_scaler_run(mlp(torch.float32, batchnorm=False), data, "cpu")
+    assert_trees_equal(state.params, reference, rtol=1e-6)
     assert state.opt_state.scale.item() == scaler.get_scale()
     assert metrics["loss_scale"].item() in (scaler.get_scale(), 2 * scaler.get_scale(), scaler.get_scale() / 2)
 
