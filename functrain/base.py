@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _tree
+from ._hoist import hoist
 
 Params = Any
 """A pytree of tensors: ``dict[str, Tensor]`` from ``model.named_parameters()``, or any nesting."""
@@ -102,7 +103,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 def value_at(hyperparameter: Hyperparameter, count: Tensor) -> float | Tensor:
     """The value of a hyperparameter at step ``count``: calls schedules, passes values through."""
-    return hyperparameter(count) if callable(hyperparameter) else hyperparameter
+    return hoist(hyperparameter(count)) if callable(hyperparameter) else hyperparameter
 
 
 def step_count(params: Params) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 
 cast = _tree.scalar_for
@@ -32,7 +33,7 @@ def _ema_of_squares(moment: Tensor, value: Tensor, decay) -> Tensor:
 def _bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
     """``1 - b1**t`` and ``sqrt(1 - b2**t)`` in float64, ``t`` the 1-based step (as torch.optim)."""
     t = count.to(torch.float64)
-    return 1 - b1**t, (1 - b2**t).sqrt()
+    return hoist(1 - b1**t, (1 - b2**t).sqrt())
 
 
 def scale_by_adam(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 from ._adam import ScaleByAdamState, _bias_corrections, _ema, _ema_of_squares
 
@@ -70,7 +71,7 @@ def scale_by_nadam(
         product = mu_product.to(torch.float64)
         grad_weight = (1.0 - mu_t) / (1.0 - product)
         momentum_weight = mu_next / (1.0 - product * mu_next)
-        bc2 = 1 - b2**t
+        grad_weight, momentum_weight, bc2 = hoist(grad_weight, momentum_weight, 1 - b2**t)
         mu = _tree.map(lambda m, g: _ema(m, g, b1), state.mu, updates)
         nu = _tree.map(lambda v, g: _ema_of_squares(v, g, b2), state.nu, updates)
 
@@ -110,7 +111,7 @@ def _rectification(count: Tensor, b2) -> tuple[Tensor, Tensor]:
     numerator = (rho_t - 4) * (rho_t - 2) * rho_inf
     denominator = torch.where(tractable, (rho_inf - 4) * (rho_inf - 2) * rho_t, 1.0)
     ratio = torch.where(tractable, numerator / denominator, 1.0)
-    return tractable, ratio.clamp(min=0.0).sqrt()
+    return hoist(tractable, ratio.clamp(min=0.0).sqrt())
 
 
 def scale_by_radam(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
+from .._hoist import hoist
 from ..base import (
     GradientTransformation,
     Params,
@@ -40,7 +41,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         return ScaleByScheduleState(count=step_count(params))
 
     def update(updates, state, params=None, **extra):
-        factor = step_size_fn(state.count)
+        factor = hoist(step_size_fn(state.count))
         return _tree.scale(updates, factor), ScaleByScheduleState(count=state.count + 1)
 
     return GradientTransformation(init, update)

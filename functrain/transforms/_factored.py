@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 
 cast = _tree.scalar_for
@@ -83,6 +84,7 @@ def scale_by_factored_rms(
         t = count.to(torch.float64)
         weight = t**beta2_decay  # 1 - beta2_t, the weight of the new g^2
         relative_step = torch.clamp(1 / t.sqrt(), max=lr)
+        weight, relative_step = hoist(weight, relative_step)
 
         def step(g, p, row, col, variance):
             eps1_ = torch.finfo(p.dtype).eps if eps1 is None else eps1

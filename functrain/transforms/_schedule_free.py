@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, require_params, step_count
 from ._adam import _ema_of_squares
 
@@ -67,6 +68,7 @@ def scale_by_schedule_free(
         # The package sets c = 0 when every weight so far is 0 (lr = 0 with weight_lr_power > 0).
         ckp1 = torch.where(weight_sum == 0, 0.0, weight / torch.where(weight_sum == 0, 1.0, weight_sum))
         y_coefficient = lr * (b1 * (1 - ckp1) - 1)
+        ckp1, y_coefficient, lr = hoist(ckp1, y_coefficient, lr)
 
         def one(u: Tensor, y: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
             step = (z - y) * cast(ckp1, y) + u * cast(y_coefficient, u)
@@ -106,7 +108,7 @@ def scale_by_bias_corrected_rms(b2: float | Tensor = 0.999, eps: float | Tensor 
 
     def update(updates, state, params=None, **extra):
         count = state.count + 1
-        bias_correction2 = 1 - b2 ** count.to(torch.float64)
+        bias_correction2 = hoist(1 - b2 ** count.to(torch.float64))
 
         def one(g: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             nu = _ema_of_squares(v, g, b2)

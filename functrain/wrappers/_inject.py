@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._hoist import hoist
 from ..base import GradientTransformation, OptState, register_state, step_count
 from ._common import find_one_state
 
@@ -235,7 +236,7 @@ def _values_at(injected: dict[str, Any], count: Tensor, stored: dict[str, Any]) 
     def value(spec, old):
         if type(spec) is tuple:
             return tuple(value(s, o) for s, o in zip(spec, old))
-        return spec(count) if _is_schedule(spec) else old
+        return hoist(spec(count)) if _is_schedule(spec) else old
 
     return {name: value(spec, stored[name]) for name, spec in injected.items()}
 
