@@ -8,6 +8,7 @@ from . import (
     schedules as schedules,
     transforms as transforms,
 )
+from ._hoist import hoist as hoist
 from .base import (
     EmptyState as EmptyState,
     GradientTransformation as GradientTransformation,
@@ -121,6 +122,7 @@ __all__ = [
     "fit",
     "freeze",
     "from_torch_optimizer",
+    "hoist",
     "hyperparams",
     "identity",
     "inject_hyperparams",

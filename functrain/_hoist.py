@@ -34,9 +34,28 @@ def _(info, in_dims, values):
 
 
 def hoist(*values):
-    """``values`` unchanged; under ``torch.compile`` the tensors among them are computed once per
-    call of the compiled step instead of inside each kernel that reads them. Returns a tuple, or
-    the one value when given one."""
+    """Returns ``values`` unchanged; under ``torch.compile`` the tensors among them are computed once
+    per call of the compiled function instead of inside each kernel that reads them.
+
+    Use it in a transform's ``update`` for scalars derived from the step count or a schedule (bias
+    corrections, decayed rates). Tensors that require a gradient pass through as they are: the op's
+    autograd does not run under ``torch.func.grad``, and such a scalar is rare (a learning rate
+    differentiated through the step).
+
+    Args:
+        *values: tensors (typically 0-d) and other values, which pass through.
+
+    Returns:
+        The values, as a tuple, or the one value when given one.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> count = torch.tensor(3)
+        >>> t = count.to(torch.float64)
+        >>> bc1, bc2 = ft.hoist(1 - 0.9**t, 1 - 0.999**t)
+        >>> round(float(bc1), 3)
+        0.271
+    """
     if torch.compiler.is_compiling():
         tensors = [v for v in values if isinstance(v, Tensor) and not v.requires_grad]
         # A custom op's autograd does not run under torch.func.grad, so a scalar that carries a
