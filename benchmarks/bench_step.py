@@ -15,15 +15,20 @@ Entries (the ids report.py reads):
 - ``torch-foreach`` / ``torch-fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)`` with
   ``loss.backward()``; the better of the two is each group's baseline ("best torch eager").
 - ``torch-compiled``: ``torch.compile(model)`` with fused AdamW (compiled imperative).
+- ``torchopt``: ``torchopt.AdamW(model.parameters(), ..., use_accelerated_op=True)`` in the same
+  ``loss.backward(); opt.step()`` loop (skipped when torchopt is not installed).
 
 Groups: ``mlp-step`` (784-512-512-10, batch 256), ``cnn-bn-step`` (3 conv+BatchNorm+ReLU blocks,
 32x32x3, batch 64), ``resnet18-32-step`` (torchvision resnet18, 10 classes, 32x32, batch 32),
+``gpt-step`` (a GPT-2-style language model of 10.0M parameters, gpt.py: 6 blocks of width 256,
+vocabulary 10240, 4 sequences of 64 tokens),
 ``ensemble`` (K=16 MLPs 64-128-128-10, batch 64: one vmapped compiled step against 16 sequential
 steps), ``ensemble-tiny`` (the same with 32-64-64-10, batch 32), ``compile-time`` (time to the
 first step, cold and warm compile cache, in subprocesses: step_compile_time.py) and
 ``step-memory`` (peak memory on a ~50M-parameter MLP, one subprocess per implementation:
-step_memory.py). The last two record their numbers in ``extra_info``; their timing column is the
-subprocess's wall time and means little.
+step_memory.py) and ``step-recompiles`` (graphs compiled and recompiles over 40 scheduled training
+steps with a compiled eval step every 5, in a subprocess: step_recompiles.py). The last three record
+their numbers in ``extra_info``; their timing column is the subprocess's wall time and means little.
 
 ``--bench-scale smoke`` shrinks every model to a few units and one round, runs the eager entries,
 runs the memory script once on a tiny model, and skips everything that compiles (10-60 s per graph
@@ -40,6 +45,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import gpt  # benchmarks/gpt.py: the gpt-step group's model
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +59,7 @@ COMPILE_SKIP = "compiles a graph (10-60 s on a small CPU): skipped at --bench-sc
 
 FUNCTRAIN = ("functrain-eager", "functrain-eager-inplace", "functrain-compiled", "functrain-compiled-inplace")
 TORCH = ("torch-foreach", "torch-fused", "torch-compiled")
+TORCHOPT = ("torchopt",)
 
 
 def loss_fn(model: nn.Module, batch) -> Tensor:
@@ -95,6 +102,9 @@ class Problem:
     classes: int
     batch: int
     rounds: int  # timed rounds at full scale (fast steps need more for a steady median)
+    loss: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor] = loss_fn
+    # batches(device) -> the batches; None: float inputs of input_shape and integer class labels
+    batches: Callable[[torch.device], list[tuple[Tensor, Tensor]]] | None = None
 
 
 def problem(group: str, smoke: bool) -> Problem:
@@ -107,10 +117,23 @@ def problem(group: str, smoke: bool) -> Problem:
         return Problem(lambda: cnn_bn(channels), (3, side, side), 10, 4 if smoke else 64, rounds=20)
     if group == "resnet18-32-step":
         return Problem(resnet18, (3, 32, 32), 10, 2 if smoke else 32, rounds=15)
+    if group == "gpt-step":
+        cfg = gpt.SMOKE if smoke else gpt.FULL
+        return Problem(
+            lambda: gpt.gpt(cfg),
+            (cfg.context,),
+            cfg.vocab,
+            cfg.batch,
+            rounds=15,
+            loss=gpt.lm_loss,
+            batches=lambda device: gpt.token_batches(cfg, device),
+        )
     raise KeyError(group)
 
 
 def make_batches(p: Problem, device: torch.device, n: int = 4, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    if p.batches is not None:
+        return p.batches(device)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same batches on every device
     return [
         (
@@ -144,9 +167,9 @@ class Stepper:
         assert any(not torch.equal(a, b) for a, b in zip(final, self.initial)), "the step left the parameters unchanged"
 
 
-def functrain_stepper(impl: str, model: nn.Module, batches) -> Stepper:
+def functrain_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Stepper:
     tx = ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    step = ft.make_train_step(model, loss_fn, tx, compile="compiled" in impl, inplace=impl.endswith("inplace"))
+    step = ft.make_train_step(model, loss, tx, compile="compiled" in impl, inplace=impl.endswith("inplace"))
     carry = {"state": ft.TrainState.create(model, tx)}
 
     def run(batch) -> None:
@@ -155,7 +178,7 @@ def functrain_stepper(impl: str, model: nn.Module, batches) -> Stepper:
     return Stepper(run, lambda: list(carry["state"].params.values()), batches)
 
 
-def torch_stepper(impl: str, model: nn.Module, batches) -> Stepper:
+def torch_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Stepper:
     variant = {"foreach": True} if impl == "torch-foreach" else {"fused": True}
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **variant)
     forward = torch.compile(model) if impl == "torch-compiled" else model
@@ -163,14 +186,48 @@ def torch_stepper(impl: str, model: nn.Module, batches) -> Stepper:
 
     def run(batch) -> None:
         opt.zero_grad()
-        loss_fn(forward, batch).backward()
+        loss(forward, batch).backward()
         opt.step()
 
     return Stepper(run, lambda: [p.detach() for p in model.parameters()], batches)
 
 
-def make_stepper(impl: str, model: nn.Module, batches) -> Stepper:
-    return (functrain_stepper if impl.startswith("functrain") else torch_stepper)(impl, model, batches)
+def torchopt_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Stepper:
+    """torchopt's object-oriented AdamW, used like torch.optim. ``use_accelerated_op=True`` is its
+    fast path: a fused C++/CUDA Adam kernel where torchopt's extension loads, else torchopt's own
+    in-place Python version of it (still faster than its default out-of-place transform chain)."""
+    torchopt = pytest.importorskip("torchopt")
+    opt = torchopt.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, use_accelerated_op=True)
+    model.train()
+
+    def run(batch) -> None:
+        opt.zero_grad(set_to_none=True)  # torch.optim's default; torchopt's is to zero in place
+        loss(model, batch).backward()
+        opt.step()
+
+    return Stepper(run, lambda: [p.detach() for p in model.parameters()], batches)
+
+
+def torchopt_info() -> dict:
+    """Which torchopt Adam kernel ran: its C++ extension (``torchopt._C``) is built against one
+    torch ABI and, on another torch, fails to load; the accelerated op then runs in Python."""
+    import torchopt
+
+    try:
+        import torchopt._C  # noqa: F401
+    except ImportError:
+        cxx = False
+    else:
+        cxx = True
+    return {"torchopt_version": torchopt.__version__, "torchopt_cxx_op": cxx}
+
+
+def make_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Stepper:
+    if impl.startswith("functrain"):
+        return functrain_stepper(impl, model, batches, loss)
+    if impl == "torchopt":
+        return torchopt_stepper(impl, model, batches, loss)
+    return torch_stepper(impl, model, batches, loss)
 
 
 def _skip_compiled_in_smoke(impl: str, bench_config) -> None:
@@ -187,8 +244,9 @@ def _run_group(group: str, impl: str, bench_config, time_step) -> None:
     p = problem(group, bench_config.smoke)
     model = p.make_model().to(bench_config.device)
     n_params = _n_params(model)
-    stepper = make_stepper(impl, model, make_batches(p, bench_config.device))
-    time_step(stepper, rounds=p.rounds, n_params=n_params, batch=p.batch, impl=impl, optimizer="adamw")
+    stepper = make_stepper(impl, model, make_batches(p, bench_config.device), p.loss)
+    extra = torchopt_info() if impl == "torchopt" else {}
+    time_step(stepper, rounds=p.rounds, n_params=n_params, batch=p.batch, impl=impl, optimizer="adamw", **extra)
     stepper.check()
 
 
@@ -196,14 +254,16 @@ def _run_group(group: str, impl: str, bench_config, time_step) -> None:
 
 
 @pytest.mark.benchmark(group="mlp-step")
-@pytest.mark.parametrize("impl", [*FUNCTRAIN, *TORCH])
+@pytest.mark.parametrize("impl", [*FUNCTRAIN, *TORCH, *TORCHOPT])
 def test_mlp_step(impl, bench_config, time_step):
     """MLP 784-512-512-10 (ReLU), batch 256, cross-entropy, AdamW: one step per round."""
     _run_group("mlp-step", impl, bench_config, time_step)
 
 
 @pytest.mark.benchmark(group="cnn-bn-step")
-@pytest.mark.parametrize("impl", ["functrain-eager", "functrain-compiled", "functrain-compiled-inplace", *TORCH])
+@pytest.mark.parametrize(
+    "impl", ["functrain-eager", "functrain-compiled", "functrain-compiled-inplace", *TORCH, *TORCHOPT]
+)
 def test_cnn_bn_step(impl, bench_config, time_step):
     """3 conv+BatchNorm+ReLU blocks (32, 64, 128 channels), 32x32x3, batch 64; the BatchNorm running
     statistics are part of the state (functrain threads them through the step)."""
@@ -211,12 +271,26 @@ def test_cnn_bn_step(impl, bench_config, time_step):
 
 
 @pytest.mark.benchmark(group="resnet18-32-step")
-@pytest.mark.parametrize("impl", ["functrain-eager", "functrain-compiled", *TORCH])
+@pytest.mark.parametrize("impl", ["functrain-eager", "functrain-compiled", *TORCH, *TORCHOPT])
 def test_resnet18_step(impl, bench_config, time_step):
     """torchvision resnet18(num_classes=10) on 32x32 inputs, batch 32."""
     if bench_config.smoke and impl != "functrain-eager":
         pytest.skip("11M parameters: at --bench-scale smoke only functrain-eager checks the torchvision model")
     _run_group("resnet18-32-step", impl, bench_config, time_step)
+
+
+# functrain-eager-inplace is left out: an eager in-place step computes the new tensors and then copies
+# them into the state, so it saves neither time nor memory over functrain-eager (mlp-step and
+# step-memory measure it), and each entry here costs 18 rounds of a ~0.1 s step.
+GPT_ENTRIES = ("functrain-eager", "functrain-compiled", "functrain-compiled-inplace", *TORCH, *TORCHOPT)
+
+
+@pytest.mark.benchmark(group="gpt-step")
+@pytest.mark.parametrize("impl", GPT_ENTRIES)
+def test_gpt_step(impl, bench_config, time_step):
+    """GPT-2-style language model (gpt.py, 9,998,336 parameters: vocabulary 10240, width 256, 6 blocks
+    of 4 heads, context 64), 4 random sequences of 64 tokens, next-token cross-entropy."""
+    _run_group("gpt-step", impl, bench_config, time_step)
 
 
 # ----------------------------------------------------------------------------- ensembles
@@ -361,6 +435,28 @@ def test_step_memory(impl, bench_config, benchmark):
 
     def measure() -> None:
         out.update(_run_script("step_memory.py", args, {"MALLOC_MMAP_THRESHOLD_": "65536"}))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(out)
+    assert out["finite"], "non-finite parameters after the steps"
+
+
+RECOMPILES = ("functrain-compiled", "functrain-compiled-inplace")
+
+
+@pytest.mark.benchmark(group="step-recompiles")
+@pytest.mark.parametrize("impl", RECOMPILES)
+def test_step_recompiles(impl, bench_config, benchmark):
+    """Graphs compiled and recompiles over 40 compiled training steps of the mlp-step model, with a
+    warm-up + cosine learning-rate schedule and a compiled eval step after every 5th step, in a fresh
+    process: step_recompiles.py (its docstring has the method). Target: one train graph, one eval
+    graph, no recompiles."""
+    _skip_compiled_in_smoke(impl, bench_config)
+    args = ["--impl", impl, "--scale", bench_config.scale.name, "--device", str(bench_config.device)]
+    out = {}
+
+    def measure() -> None:
+        out.update(_run_script("step_recompiles.py", args, {}))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(out)
