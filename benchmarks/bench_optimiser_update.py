@@ -1,24 +1,34 @@
-"""One eager optimiser step over a transformer-sized parameter set: functrain against torch.optim.
+"""The optimiser update alone over transformer-shaped parameter sets: functrain against torch.optim and torchopt.
 
-Each group times the same update, side by side in one run:
+Each group times the same update, side by side in one run, at the sizes of ``SCALES`` (conftest.py):
+AdamW and SGD-momentum at ~1M, ~10M and ~100M parameters, Adafactor, Muon and Lion at ~10M.
 
 - ``functrain``: ``updates, state = tx.update(grads, state, params); params = ft.apply_updates(params,
   updates)``, the new params and state carried into the next round as a training loop would (pure:
   every round allocates the new moments, updates and params).
+- ``functrain-compiled``: the same update under ``torch.compile(fullgraph=True)``, written back into
+  the params and state tensors (in place), as a compiled train step does.
 - ``torch-forloop`` / ``torch-foreach`` / ``torch-fused``: ``opt.step()`` of the torch.optim class
   with ``foreach=False`` / ``foreach=True`` / ``fused=True``, in place, ``.grad`` set once.
+- ``torchopt`` / ``torchopt-accelerated``: torchopt's functional API in its in-place form,
+  ``updates, state = tx.update(grads, state, params=params, inplace=True);
+  torchopt.apply_updates(params, updates, inplace=True)``, with ``torchopt.adamw(...)`` (its C++
+  ``use_accelerated_op=True`` Adam kernel for ``-accelerated``) or ``torchopt.sgd(..., momentum=...)``.
+- ``copy`` (group ``copy-bandwidth``): ``dst.copy_(src)`` over one flat float32 tensor of the size's
+  element count: the device's copy bandwidth, against which report.py sets the updates' bandwidth.
 
-All take the same float32 parameters and the same gradients every step; the gradient computation
-is not timed. Sizes and rounds come from ``--bench-scale`` (see conftest.py).
+All take the same float32 parameters and gradients; the gradient computation is not timed.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import SIZE_IDS, torchopt_info
 from torch import Tensor
 
 import functrain as ft
@@ -26,6 +36,22 @@ import functrain as ft
 LR = 1e-3
 WEIGHT_DECAY = 1e-2
 MOMENTUM = 0.9
+COMPILE_SKIP = "compiling takes tens of seconds: not at --bench-scale smoke"
+
+# Memory traffic of one update, in float32 tensors of the parameter set's size that it must read and
+# write: what the update cannot avoid moving, each tensor once, without write-allocate or cache
+# effects. The one place the bytes come from: each entry records (reads + writes) x 4 bytes x N as
+# `bytes_per_update` in its extra_info, and report.py divides it by the median time. The same count
+# for every implementation of an optimiser, whatever extra passes or temporaries an implementation
+# adds (those show as a lower bandwidth). Muon (matmul-bound) and Adafactor (row/column reductions)
+# are not bandwidth-bound and have no entry.
+TRAFFIC: dict[str, tuple[int, int]] = {
+    "adamw": (4, 3),  # reads param, grad, m, v; writes param, m, v
+    "sgd-momentum": (3, 2),  # reads param, grad, momentum buffer; writes param, buffer
+    "lion": (3, 2),  # reads param, grad, m; writes param, m
+    "copy": (1, 1),  # reads src; writes dst
+}
+BYTES_PER_ELEMENT = 4  # float32
 
 # The torch.optim variants, by the id each gets in the results (report.py's baselines use these ids).
 TORCH_VARIANTS: dict[str, dict[str, bool]] = {
@@ -33,7 +59,19 @@ TORCH_VARIANTS: dict[str, dict[str, bool]] = {
     "torch-foreach": {"foreach": True, "fused": False},
     "torch-fused": {"fused": True},
 }
-IMPLEMENTATIONS = ["functrain", *TORCH_VARIANTS]
+
+
+def traffic_info(optimizer: str, n: int) -> dict[str, int]:
+    """The ``extra_info`` fields report.py reads the bandwidth from; empty for an optimiser without traffic."""
+    if optimizer not in TRAFFIC:
+        return {}
+    reads, writes = TRAFFIC[optimizer]
+    return dict(
+        tensors_read=reads,
+        tensors_written=writes,
+        bytes_per_element=BYTES_PER_ELEMENT,
+        bytes_per_update=(reads + writes) * BYTES_PER_ELEMENT * n,
+    )
 
 
 class Stepper:
@@ -68,70 +106,12 @@ def functrain_stepper(tx: ft.GradientTransformation, params: dict[str, Tensor], 
     return Stepper(step, lambda: list(carry["params"].values()))
 
 
-def torch_stepper(
-    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-    params: dict[str, Tensor],
-    grads: dict[str, Tensor],
-) -> Stepper:
-    ps = [torch.nn.Parameter(t.clone()) for t in params.values()]
-    for p, g in zip(ps, grads.values()):
-        p.grad = g
-    opt = make_optimizer(ps)
-    return Stepper(opt.step, lambda: [p.detach() for p in ps])
-
-
-def make_stepper(impl: str, params, grads, functrain_tx, torch_cls, **torch_kwargs) -> Stepper:
-    if impl == "functrain":
-        return functrain_stepper(functrain_tx(), params, grads)
-    accepted = inspect.signature(torch_cls).parameters  # e.g. Adafactor has no `fused` switch
-    variant = {k: v for k, v in TORCH_VARIANTS[impl].items() if k in accepted}
-    return torch_stepper(lambda ps: torch_cls(ps, **torch_kwargs, **variant), params, grads)
-
-
-@pytest.mark.benchmark(group="adamw-update")
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_adamw_update(impl, params, grads, run_steps):
-    """AdamW(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-8): one step."""
-    stepper = make_stepper(
-        impl,
-        params,
-        grads,
-        functrain_tx=lambda: ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY),
-        torch_cls=torch.optim.AdamW,
-        lr=LR,
-        weight_decay=WEIGHT_DECAY,
-    )
-    run_steps(stepper, optimizer="adamw", impl=impl)
-    stepper.check(params)
-
-
-@pytest.mark.benchmark(group="sgd-momentum-update")
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_sgd_momentum_update(impl, params, grads, run_steps):
-    """SGD(lr=1e-3, momentum=0.9): one step."""
-    stepper = make_stepper(
-        impl,
-        params,
-        grads,
-        functrain_tx=lambda: ft.sgd(lr=LR, momentum=MOMENTUM),
-        torch_cls=torch.optim.SGD,
-        lr=LR,
-        momentum=MOMENTUM,
-    )
-    run_steps(stepper, optimizer="sgd-momentum", impl=impl)
-    stepper.check(params)
-
-
-# ----------------------------------------------------------------------------- more optimisers, and compiled
-
-# Adafactor and Muon have no fused torch.optim kernel; Muon orthogonalises matrices only (torch.optim.Muon
-# refuses vectors), so its group takes the matrices of the parameter set; Lion has no torch.optim class.
-UNFUSED_IMPLEMENTATIONS = ["functrain", "torch-forloop", "torch-foreach"]
-
-
 def compiled_functrain_stepper(tx, params, grads) -> Stepper:
     """The update compiled with ``fullgraph=True`` and written into the state's tensors (in-place),
     as a compiled train step does: the update alone, without the forward and backward."""
+    # Every compiled entry wraps the same `update` code object; drop the earlier entries' graphs
+    # (other sizes, other optimisers) so that their guards are not checked on every call.
+    torch.compiler.reset()
     params = {k: v.clone() for k, v in params.items()}  # written in place: keep the caller's for check()
     carry = {"params": params, "state": tx.init(params)}
 
@@ -149,51 +129,175 @@ def compiled_functrain_stepper(tx, params, grads) -> Stepper:
     return Stepper(step, lambda: list(carry["params"].values()))
 
 
-@pytest.mark.benchmark(group="adamw-update")
-@pytest.mark.parametrize("impl", ["functrain-compiled"])
-def test_adamw_update_compiled(impl, params, grads, run_steps, bench_config):
-    """AdamW(lr=1e-3, weight_decay=1e-2): the compiled, in-place functrain update."""
-    if bench_config.scale.name == "smoke":
-        pytest.skip("compiling takes tens of seconds: not at --bench-scale smoke")
-    stepper = compiled_functrain_stepper(ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY), params, grads)
-    run_steps(stepper, optimizer="adamw", impl=impl)
+def torch_stepper(
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+) -> Stepper:
+    ps = [torch.nn.Parameter(t.clone()) for t in params.values()]
+    for p, g in zip(ps, grads.values()):
+        p.grad = g
+    opt = make_optimizer(ps)
+    return Stepper(opt.step, lambda: [p.detach() for p in ps])
+
+
+def torchopt_stepper(tx, params: dict[str, Tensor], grads: dict[str, Tensor]) -> Stepper:
+    """torchopt's functional loop in its in-place form (its fastest): the moments, the params and the
+    update are written into existing tensors. The in-place update is computed in the gradient tensors,
+    so from the second round on the "gradients" are the previous round's update: the same work on
+    different values (in a training loop, backward writes fresh gradients there every step)."""
+    import torchopt
+
+    params = {k: v.clone() for k, v in params.items()}  # written in place: keep the caller's for check()
+    carry = {"state": tx.init(params)}
+
+    def step() -> None:
+        updates, carry["state"] = tx.update(grads, carry["state"], params=params, inplace=True)
+        torchopt.apply_updates(params, updates, inplace=True)
+
+    return Stepper(step, lambda: list(params.values()))
+
+
+@dataclass(frozen=True)
+class Optimiser:
+    """One optimiser, as each library spells it."""
+
+    name: str  # `optimizer` in extra_info, and the key of TRAFFIC
+    functrain: Callable[[], ft.GradientTransformation]
+    torch_cls: type[torch.optim.Optimizer] | None
+    torch_kwargs: dict = field(default_factory=dict)
+    torchopt: Callable[[bool], object] | None = None  # (use_accelerated_op) -> torchopt GradientTransformation
+
+
+def _torchopt_adamw(accelerated: bool):
+    import torchopt
+
+    return torchopt.adamw(lr=LR, weight_decay=WEIGHT_DECAY, use_accelerated_op=accelerated)
+
+
+def _torchopt_sgd(accelerated: bool):
+    import torchopt
+
+    assert not accelerated, "torchopt has no accelerated SGD"
+    return torchopt.sgd(lr=LR, momentum=MOMENTUM)
+
+
+ADAMW = Optimiser(
+    "adamw",
+    lambda: ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY),
+    torch.optim.AdamW,
+    dict(lr=LR, weight_decay=WEIGHT_DECAY),
+    _torchopt_adamw,
+)
+SGD_MOMENTUM = Optimiser(
+    "sgd-momentum",
+    lambda: ft.sgd(lr=LR, momentum=MOMENTUM),
+    torch.optim.SGD,
+    dict(lr=LR, momentum=MOMENTUM),
+    _torchopt_sgd,
+)
+ADAFACTOR = Optimiser("adafactor", lambda: ft.adafactor(lr=1e-2), torch.optim.Adafactor, dict(lr=1e-2))
+LION = Optimiser("lion", lambda: ft.lion(lr=1e-4), None)
+
+
+def make_stepper(impl: str, opt: Optimiser, params, grads, bench_config) -> Stepper:
+    """The ``impl`` entry's stepper for ``opt``; skips the entries that cannot run here."""
+    if impl == "functrain":
+        return functrain_stepper(opt.functrain(), params, grads)
+    if impl == "functrain-compiled":
+        if bench_config.smoke:
+            pytest.skip(COMPILE_SKIP)
+        return compiled_functrain_stepper(opt.functrain(), params, grads)
+    if impl.startswith("torchopt"):
+        torchopt = pytest.importorskip("torchopt")
+        accelerated = impl == "torchopt-accelerated"
+        # is_available() is also true when torchopt's C++ extension failed to load (built for another
+        # torch) and its Python version of the op runs: torchopt_info() records which one ran.
+        if accelerated and not torchopt.accelerated_op.is_available(bench_config.device):
+            pytest.skip(f"torchopt's accelerated Adam op does not run on {bench_config.device} here")
+        return torchopt_stepper(opt.torchopt(accelerated), params, {k: g.clone() for k, g in grads.items()})
+    accepted = inspect.signature(opt.torch_cls).parameters  # e.g. Adafactor has no `fused` switch
+    variant = {k: v for k, v in TORCH_VARIANTS[impl].items() if k in accepted}
+    return torch_stepper(lambda ps: opt.torch_cls(ps, **opt.torch_kwargs, **variant), params, grads)
+
+
+def run_update(impl: str, opt: Optimiser, params, grads, run_steps, bench_config, param_set) -> None:
+    stepper = make_stepper(impl, opt, params, grads, bench_config)
+    extra = torchopt_info() if impl.startswith("torchopt") else {}
+    run_steps(stepper, optimizer=opt.name, impl=impl, **traffic_info(opt.name, param_set.n_params), **extra)
     stepper.check(params)
+
+
+# ----------------------------------------------------------------------------- the size sweep
+
+SWEEP_IMPLEMENTATIONS = ["functrain", "functrain-compiled", *TORCH_VARIANTS, "torchopt"]
+
+
+@pytest.mark.benchmark(group="adamw-update")
+@pytest.mark.parametrize("impl", [*SWEEP_IMPLEMENTATIONS, "torchopt-accelerated"])
+@pytest.mark.parametrize("param_set", SIZE_IDS, indirect=True)
+def test_adamw_update(impl, param_set, params, grads, run_steps, bench_config):
+    """AdamW(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), eps=1e-8): one step."""
+    run_update(impl, ADAMW, params, grads, run_steps, bench_config, param_set)
+
+
+@pytest.mark.benchmark(group="sgd-momentum-update")
+@pytest.mark.parametrize("impl", SWEEP_IMPLEMENTATIONS)
+@pytest.mark.parametrize("param_set", SIZE_IDS, indirect=True)
+def test_sgd_momentum_update(impl, param_set, params, grads, run_steps, bench_config):
+    """SGD(lr=1e-3, momentum=0.9): one step."""
+    run_update(impl, SGD_MOMENTUM, params, grads, run_steps, bench_config, param_set)
+
+
+@pytest.mark.benchmark(group="copy-bandwidth")
+@pytest.mark.parametrize("impl", ["copy"])
+@pytest.mark.parametrize("param_set", SIZE_IDS, indirect=True)
+def test_copy(impl, param_set, run_steps, bench_config):
+    """``dst.copy_(src)`` over one flat float32 tensor of the size's element count: the copy bandwidth."""
+    n = param_set.n_params
+    src = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(bench_config.device)
+    dst = torch.empty_like(src)
+    stepper = Stepper(lambda: dst.copy_(src), lambda: [dst])
+    run_steps(stepper, optimizer="copy", impl=impl, n_tensors=1, **traffic_info("copy", n))
+    assert torch.equal(dst, src)
+
+
+# ----------------------------------------------------------------------------- more optimisers, at one size
+
+# Adafactor and Muon have no fused torch.optim kernel; Muon orthogonalises matrices only (torch.optim.Muon
+# refuses vectors), so its group takes two matrices of the parameter set; Lion has no torch.optim class.
+ONE_SIZE = ["10M"]
 
 
 @pytest.mark.benchmark(group="adafactor-update")
-@pytest.mark.parametrize("impl", UNFUSED_IMPLEMENTATIONS)
-def test_adafactor_update(impl, params, grads, run_steps):
+@pytest.mark.parametrize("impl", ["functrain", "torch-forloop", "torch-foreach"])
+@pytest.mark.parametrize("param_set", ONE_SIZE, indirect=True)
+def test_adafactor_update(impl, param_set, params, grads, run_steps, bench_config):
     """Adafactor(lr=1e-2): torch.optim's defaults."""
-    stepper = make_stepper(
-        impl, params, grads, functrain_tx=lambda: ft.adafactor(lr=1e-2), torch_cls=torch.optim.Adafactor, lr=1e-2
-    )
-    run_steps(stepper, optimizer="adafactor", impl=impl)
-    stepper.check(params)
+    run_update(impl, ADAFACTOR, params, grads, run_steps, bench_config, param_set)
 
 
 @pytest.mark.benchmark(group="muon-update")
 @pytest.mark.parametrize("impl", ["functrain", "torch-forloop"])
-def test_muon_update(impl, params, grads, run_steps):
+@pytest.mark.parametrize("param_set", ONE_SIZE, indirect=True)
+def test_muon_update(impl, param_set, params, grads, run_steps):
     """Muon(lr=1e-3) on two of the matrices: momentum 0.95, Nesterov, 5 Newton-Schulz steps.
 
-    Two, because each 1024 x 1024 matrix costs ~32 GFLOP of matmuls per step (seconds on a CPU)."""
+    Two, because each 448 x 448 matrix costs ~30 x 448^3 = 2.7 GFLOP of matmuls per step."""
     matrices = dict([(k, v) for k, v in params.items() if v.ndim == 2][:2])
     matrix_grads = {k: grads[k] for k in matrices}
     if impl == "functrain":
         stepper = functrain_stepper(ft.muon(lr=1e-3), matrices, matrix_grads)
     else:
         stepper = torch_stepper(lambda ps: torch.optim.Muon(ps, lr=1e-3), matrices, matrix_grads)
-    run_steps(stepper, optimizer="muon", impl=impl)
+    n = sum(m.numel() for m in matrices.values())
+    run_steps(stepper, optimizer="muon", impl=impl, n_params=n, n_tensors=len(matrices))
     stepper.check(matrices)
 
 
 @pytest.mark.benchmark(group="lion-update")
 @pytest.mark.parametrize("impl", ["functrain", "functrain-compiled"])
-def test_lion_update(impl, params, grads, run_steps, bench_config):
+@pytest.mark.parametrize("param_set", ONE_SIZE, indirect=True)
+def test_lion_update(impl, param_set, params, grads, run_steps, bench_config):
     """Lion(lr=1e-4): no torch.optim class to compare with; eager against compiled."""
-    if impl == "functrain-compiled" and bench_config.scale.name == "smoke":
-        pytest.skip("compiling takes tens of seconds: not at --bench-scale smoke")
-    make = functrain_stepper if impl == "functrain" else compiled_functrain_stepper
-    stepper = make(ft.lion(lr=1e-4), params, grads)
-    run_steps(stepper, optimizer="lion", impl=impl)
-    stepper.check(params)
+    run_update(impl, LION, params, grads, run_steps, bench_config, param_set)

@@ -49,6 +49,7 @@ import gpt  # benchmarks/gpt.py: the gpt-step group's model
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torchopt_info
 from torch import Tensor, nn
 
 import functrain as ft
@@ -206,20 +207,6 @@ def torchopt_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Step
         opt.step()
 
     return Stepper(run, lambda: [p.detach() for p in model.parameters()], batches)
-
-
-def torchopt_info() -> dict:
-    """Which torchopt Adam kernel ran: its C++ extension (``torchopt._C``) is built against one
-    torch ABI and, on another torch, fails to load; the accelerated op then runs in Python."""
-    import torchopt
-
-    try:
-        import torchopt._C  # noqa: F401
-    except ImportError:
-        cxx = False
-    else:
-        cxx = True
-    return {"torchopt_version": torchopt.__version__, "torchopt_cxx_op": cxx}
 
 
 def make_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Stepper:

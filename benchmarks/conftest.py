@@ -3,9 +3,10 @@
 Options (each also read from an environment variable, the command line winning):
 
 ``--bench-scale {full,smoke}`` (``FUNCTRAIN_BENCH_SCALE``, default ``full``)
-    ``full``: ~50M float32 parameters shaped like a 12-layer transformer, 15 timed rounds after 3
-    warm-up rounds. ``smoke``: a few thousand parameters and a single round, so that CI can run the
-    whole suite with ``--benchmark-disable`` in seconds and the benchmarks cannot rot.
+    ``full``: the optimiser updates run on ~1M, ~10M and ~100M float32 parameters shaped like a
+    12-block transformer (see ``SCALES``), with 50, 20 and 10 timed rounds after 3 warm-up rounds.
+    ``smoke``: the same size ids on a few hundred to a few thousand parameters and a single round, so
+    that CI can run the whole suite with ``--benchmark-disable`` in seconds and the benchmarks cannot rot.
 ``--bench-device DEVICE`` (``FUNCTRAIN_BENCH_DEVICE``, default ``cpu``)
     Where the parameters live (``cpu``, ``cuda``, ``cuda:1``...). On CUDA every timed step ends with
     a synchronise, so the time is the step's, not its launch's.
@@ -26,20 +27,57 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
-class Scale:
-    name: str
+class ParamSet:
+    """A float32 parameter set shaped like a transformer (:func:`transformer_shapes`) for the update groups."""
+
+    name: str  # the size's id in test ids and the report: "1M", "10M", "100M" (smoke keeps the ids, tiny shapes)
     layers: int  # transformer blocks
     width: int  # model width: every matrix is width x width
+    rounds: int  # timed rounds at full scale: the big sets' steps are long and steady, the small ones' short and noisy
+
+    @property
+    def n_params(self) -> int:
+        return self.layers * (4 * self.width * self.width + 8 * self.width)  # 4 matrices, 8 vectors a block
+
+    @property
+    def n_tensors(self) -> int:
+        return 12 * self.layers
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
     rounds: int
     warmup_rounds: int
+    param_sets: tuple[ParamSet, ...]  # the update groups' sizes, smallest first
 
 
 SCALES = {
-    # 12 blocks x 4 matrices of 1024 x 1024 = 48 matrices, plus 96 vectors: 50,429,952 parameters.
-    "full": Scale("full", layers=12, width=1024, rounds=15, warmup_rounds=3),
-    # 2 blocks x 4 matrices of 16 x 16, plus 16 vectors: 2,304 parameters.
-    "smoke": Scale("smoke", layers=2, width=16, rounds=1, warmup_rounds=0),
+    # 12 blocks x (4 matrices + 8 vectors) = 144 tensors at every size, so the sweep changes the size of
+    # each tensor, not the per-tensor overheads: 1,009,152, 9,676,800 and 99,671,040 parameters.
+    "full": Scale(
+        "full",
+        rounds=15,
+        warmup_rounds=3,
+        param_sets=(
+            ParamSet("1M", layers=12, width=144, rounds=50),
+            ParamSet("10M", layers=12, width=448, rounds=20),
+            ParamSet("100M", layers=12, width=1440, rounds=10),
+        ),
+    ),
+    # 320, 2,304 and 8,704 parameters.
+    "smoke": Scale(
+        "smoke",
+        rounds=1,
+        warmup_rounds=0,
+        param_sets=(
+            ParamSet("1M", layers=1, width=8, rounds=1),
+            ParamSet("10M", layers=2, width=16, rounds=1),
+            ParamSet("100M", layers=2, width=32, rounds=1),
+        ),
+    ),
 }
+SIZE_IDS = tuple(s.name for s in SCALES["full"].param_sets)  # the same ids at every scale
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,6 +124,9 @@ class BenchConfig:
     @property
     def smoke(self) -> bool:
         return self.scale.name == "smoke"
+
+    def param_set(self, name: str) -> ParamSet:
+        return next(s for s in self.scale.param_sets if s.name == name)
 
     def rounds_for(self, full_rounds: int) -> int:
         """A group's timed rounds: ``full_rounds`` at full scale (fast steps need more rounds for a
@@ -177,20 +218,34 @@ def clone_tree(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: t.clone() for name, t in tree.items()}
 
 
-@pytest.fixture(scope="session")
-def param_shapes(bench_config: BenchConfig) -> dict[str, tuple[int, ...]]:
-    return transformer_shapes(bench_config.scale.layers, bench_config.scale.width)
+# The update groups parametrize ``param_set`` indirectly with size ids:
+# ``@pytest.mark.parametrize("param_set", SIZE_IDS, indirect=True)``. The fixture and the base trees
+# built on it are module-scoped, so pytest orders the tests size by size and frees one size's trees
+# (two float32 trees of 400 MB at 100M) before it builds the next size's.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
+def param_set(request: pytest.FixtureRequest, bench_config: BenchConfig) -> ParamSet:
+    """The parameter set named by the test's ``param_set`` id (``"1M"``, ``"10M"``, ``"100M"``)."""
+    if not hasattr(request, "param"):
+        raise pytest.UsageError('parametrize "param_set" indirectly with size ids, e.g. SIZE_IDS')
+    return bench_config.param_set(request.param)
+
+
+@pytest.fixture(scope="module")
+def param_shapes(param_set: ParamSet) -> dict[str, tuple[int, ...]]:
+    return transformer_shapes(param_set.layers, param_set.width)
+
+
+@pytest.fixture(scope="module")
 def base_params(param_shapes, bench_config) -> dict[str, Tensor]:
-    """The session's initial float32 parameters (read-only: tests take :func:`params`)."""
+    """The size's initial float32 parameters (read-only: tests take :func:`params`)."""
     return _random_tree(param_shapes, std=0.02, seed=0, device=bench_config.device)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base_grads(param_shapes, bench_config) -> dict[str, Tensor]:
-    """The session's gradients, one fixed set reused every step (read-only: tests take :func:`grads`)."""
+    """The size's gradients, one fixed set reused every step (read-only: tests take :func:`grads`)."""
     return _random_tree(param_shapes, std=1e-3, seed=1, device=bench_config.device)
 
 
@@ -210,16 +265,25 @@ def grads(base_grads) -> dict[str, Tensor]:
 
 
 @pytest.fixture
-def run_steps(benchmark, bench_config: BenchConfig, param_shapes) -> Callable[..., None]:
-    """``run_steps(step, **extra_info)`` times ``step()`` with ``benchmark.pedantic``, one call per round.
+def run_steps(benchmark, bench_config: BenchConfig, param_set: ParamSet) -> Callable[..., None]:
+    """``run_steps(step, **extra_info)`` times ``step()`` with ``benchmark.pedantic``, one call per round,
+    on the test's parameter set: its rounds, and its size in ``extra_info`` (``param_set``, ``n_params``,
+    ``n_tensors``, ``layers``, ``width``; ``extra_info`` may override ``n_params`` and ``n_tensors``
+    for an entry that updates part of the set).
 
     ``step`` must carry its own state from call to call (a real training loop's trajectory). Under
     ``--benchmark-disable`` pytest-benchmark calls it exactly once, untimed.
     """
 
     def run(step: Callable[[], None], **extra_info) -> None:
-        n_params = sum(_numel(shape) for shape in param_shapes.values())
-        _time(benchmark, bench_config, step, n_params=n_params, n_tensors=len(param_shapes), **extra_info)
+        size = dict(
+            param_set=param_set.name,
+            n_params=param_set.n_params,
+            n_tensors=param_set.n_tensors,
+            layers=param_set.layers,
+            width=param_set.width,
+        )
+        _time(benchmark, bench_config, step, rounds=bench_config.rounds_for(param_set.rounds), **size | extra_info)
 
     return run
 
@@ -265,8 +329,15 @@ def _time(benchmark, cfg: BenchConfig, step: Callable[[], None], rounds=None, wa
     )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+def torchopt_info() -> dict:
+    """Which torchopt Adam kernel ran: its C++ extension (``torchopt._C``) is built against one
+    torch ABI and, on another torch, fails to load; the accelerated op then runs in Python."""
+    import torchopt
+
+    try:
+        import torchopt._C  # noqa: F401
+    except ImportError:
+        cxx = False
+    else:
+        cxx = True
+    return {"torchopt_version": torchopt.__version__, "torchopt_cxx_op": cxx}

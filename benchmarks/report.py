@@ -3,8 +3,15 @@ its ratio to the group's baseline, under a header naming the machine the numbers
 the issue's targets checked against the ratios.
 
     python benchmarks/report.py results.json > table.md
-    python benchmarks/report.py results.json -o table.md --baseline adamw-update=torch-fused
-    python benchmarks/report.py results.json -o table.md --plot ratios.png
+    python benchmarks/report.py results.json -o table.md --baseline adamw-update=torch-foreach
+    python benchmarks/report.py results.json -o table.md --plot results.png
+
+The optimiser-update groups of bench_optimiser_update.py run on several parameter sets (``param_set``
+in each entry's ``extra_info``): they get one table per group and size, and, where the entry
+records ``bytes_per_update``, its achieved bandwidth (bytes per update / median time) and that as a
+percentage of the ``copy`` entry's bandwidth at the same size (the ``copy-bandwidth`` group: the
+device's measured copy bandwidth, the physical limit). ``--plot`` then draws median time and
+bandwidth against size for each implementation.
 
 A baseline may be several entries (``--baseline mlp-step=torch-foreach,torch-fused``): the ratios
 are then taken against the fastest of them ("best torch eager"). The ``step-memory`` and
@@ -30,11 +37,15 @@ from dataclasses import dataclass
 # fastest of those entries (by median) in the run.
 BEST_TORCH_EAGER = ("torch-foreach", "torch-fused")
 DEFAULT_BASELINES: dict[str, str | tuple[str, ...]] = {
-    "adamw-update": "torch-foreach",
-    "sgd-momentum-update": "torch-foreach",
+    "adamw-update": "torch-fused",
+    "sgd-momentum-update": "torch-fused",
+    "adafactor-update": "torch-foreach",  # no fused torch.optim Adafactor
+    "muon-update": "torch-forloop",  # torch.optim.Muon has only the for-loop
+    "lion-update": "functrain",  # no torch.optim Lion: compiled against eager
     "mlp-step": BEST_TORCH_EAGER,
     "cnn-bn-step": BEST_TORCH_EAGER,
     "resnet18-32-step": BEST_TORCH_EAGER,
+    "gpt-step": BEST_TORCH_EAGER,
     "ensemble": "functrain-sequential-compiled",
     "ensemble-tiny": "functrain-sequential-compiled",
     "step-memory": "torch-foreach",
@@ -44,9 +55,11 @@ STEP_GROUPS = (
     "mlp-step",
     "cnn-bn-step",
     "resnet18-32-step",
+    "gpt-step",
     "ensemble",
     "ensemble-tiny",
     "compile-time",
+    "step-recompiles",
     "step-memory",
 )
 
@@ -62,16 +75,35 @@ class Target:
     what: str
 
 
-# The issue's targets (issue 4). Memory ratios use peak bytes, the others median times.
+# The training-step targets (issues 4 and 8: compiled <= 0.9x and eager <= 1.2x the best torch.optim
+# eager step, on every full-step model). Memory ratios use peak bytes, the others median times.
+_FULL_STEPS = ("mlp-step", "cnn-bn-step", "resnet18-32-step", "gpt-step")
 TARGETS = (
-    Target("mlp-step", "functrain-compiled", 0.9, True, "compiled step"),
-    Target("mlp-step", "functrain-compiled-inplace", 0.9, True, "compiled in-place step"),
-    Target("mlp-step", "functrain-eager", 1.2, True, "eager step"),
-    Target("mlp-step", "functrain-eager-inplace", 1.2, True, "eager in-place step"),
+    *(
+        Target(group, entry, limit, True, what)
+        for group in _FULL_STEPS
+        for entry, limit, what in (
+            ("functrain-compiled", 0.9, "compiled step"),
+            ("functrain-compiled-inplace", 0.9, "compiled in-place step"),
+            ("functrain-eager", 1.2, "eager step"),
+            ("functrain-eager-inplace", 1.2, "eager in-place step"),
+        )
+    ),
     Target("step-memory", "functrain-compiled-inplace", 1.05, True, "peak memory, compiled in-place step"),
     Target("ensemble", "functrain-vmap-compiled", 3.0, False, "K=16 vmapped compiled step"),
     Target("ensemble-tiny", "functrain-vmap-compiled", 3.0, False, "K=16 vmapped compiled step (tiny MLPs)"),
 )
+
+
+# The optimiser-update targets (issue 8), for AdamW on the largest parameter set: the compiled update
+# at most torch.optim's fused kernel's median time, and at least this fraction of the copy bandwidth.
+UPDATE_TARGET_GROUP = "adamw-update"
+UPDATE_TARGET_SIZE = "100M"
+UPDATE_TARGET_ENTRY = "functrain-compiled"
+UPDATE_TARGET_AGAINST = "torch-fused"
+UPDATE_TARGET_RATIO = 1.0
+UPDATE_TARGET_COPY_FRACTION = {"cpu": 0.70, "cuda": 0.80}
+COPY_GROUP = "copy-bandwidth"
 
 
 def cpu_model() -> str:
@@ -87,7 +119,28 @@ def cpu_model() -> str:
 
 
 def _entry_label(bench: dict) -> str:
-    return bench.get("param") or bench["name"]
+    """The implementation's id: the ``impl`` parameter (the update groups also take a size parameter)."""
+    return (bench.get("params") or {}).get("impl") or bench.get("param") or bench["name"]
+
+
+def _size(bench: dict) -> str | None:
+    """The parameter set's id (``"1M"``...) of an optimiser-update entry; None for the other groups."""
+    return bench.get("extra_info", {}).get("param_set")
+
+
+def _gbps(bench: dict) -> float | None:
+    """Achieved bandwidth in GB/s (1e9 bytes): ``bytes_per_update`` / median; None without the bytes."""
+    nbytes = bench.get("extra_info", {}).get("bytes_per_update")
+    median = bench["stats"]["median"]
+    return nbytes / median / 1e9 if nbytes and median > 0 else None
+
+
+def _gb(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def _ms(seconds: float) -> str:
@@ -118,8 +171,18 @@ def machine_lines(data: dict) -> list[str]:
         f"- scale: {fb.get('scale') or extra.get('scale', 'unknown')}",
     ]
     n_params = {b.get("extra_info", {}).get("n_params") for b in data.get("benchmarks", [])}
-    if "n_params" in extra and len(n_params) == 1:  # one parameter set for the whole run
+    sets = _param_sets(data)
+    if "n_params" in extra and len(n_params) == 1 and not sets:  # one parameter set for the whole run
         lines.append(f"- parameters: {extra['n_params']:,} float32 in {extra.get('n_tensors', '?')} tensors")
+    if sets:
+        lines.append(
+            "- parameter sets (float32, transformer-shaped): "
+            + "; ".join(
+                f"{name}: {e['n_params']:,} in {e.get('n_tensors', '?')} tensors "
+                f"({e.get('layers', '?')} blocks of 4 {e.get('width', '?')}x{e.get('width', '?')} matrices + 8 vectors)"
+                for name, e in sets.items()
+            )
+        )
     if fb.get("load_average_start") is not None:
         lines.append(
             f"- load average (1 min, all processes): {fb['load_average_start']:.1f} at the start, "
@@ -127,6 +190,17 @@ def machine_lines(data: dict) -> list[str]:
         )
     lines.append(f"- run: {data.get('datetime', 'unknown')}, commit {commit_text}")
     return lines
+
+
+def _param_sets(data: dict) -> dict[str, dict]:
+    """The optimiser-update parameter sets that ran, by id, smallest first: one whole-set entry's extra_info each."""
+    sets: dict[str, dict] = {}
+    for bench in data.get("benchmarks", []):
+        e = bench.get("extra_info", {})
+        # Muon's entries update two matrices of the set: take an entry that covers the whole set.
+        if _size(bench) and "layers" in e and e.get("optimizer") not in ("muon", "copy"):
+            sets.setdefault(_size(bench), e)
+    return dict(sorted(sets.items(), key=lambda kv: kv[1]["n_params"]))
 
 
 def pick_baseline(benches: list[dict], baseline: str | tuple[str, ...] | None, value=None) -> tuple[str, bool]:
@@ -159,28 +233,92 @@ def _group_info(benches: list[dict]) -> str:
     return ", ".join(parts)
 
 
-def group_table(group: str, benches: list[dict], baseline: str | tuple[str, ...] | None) -> list[str]:
+def group_table(
+    group: str, benches: list[dict], baseline: str | tuple[str, ...] | None, copy: dict | None = None
+) -> list[str]:
+    """A group's table (for the update groups, one size's): median, IQR, min, rounds, ratio, and the
+    achieved bandwidth and its fraction of ``copy``'s (the copy entry at the same size) where known."""
     labels = [_entry_label(b) for b in benches]
     baseline, best_of = pick_baseline(benches, baseline)
     base_median = benches[labels.index(baseline)]["stats"]["median"]
-    info = _group_info(benches) if group in STEP_GROUPS else ""
+    size = _size(benches[0])
+    if size is not None:
+        info = _size_info(size, benches)
+    else:
+        info = _group_info(benches) if group in STEP_GROUPS else ""
+    bandwidth = any(_gbps(b) is not None for b in benches)
+    copy_gbps = _gbps(copy) if copy else None
     lines = [
-        f"### {group}",
+        f"### {group}" + (f", {size}" if size is not None else ""),
         "",
         *([info + ".", ""] if info else []),
         f"Ratio: median / median of {_baseline_text(baseline, best_of)} (below 1 is faster).",
+    ]
+    if bandwidth:
+        lines.append(
+            "GB/s: bytes the update must move (see `TRAFFIC` in bench_optimiser_update.py) / median; "
+            + (
+                f"% of copy: of `copy`'s {_gb(copy_gbps)} GB/s at this size (median {_ms(copy['stats']['median'])} ms)."
+                if copy_gbps
+                else "no `copy` entry at this size in the run."
+            )
+        )
+    lines += [
         "",
-        "| implementation | median (ms) | IQR (ms) | min (ms) | rounds | ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| implementation | median (ms) | IQR (ms) | min (ms) | rounds | ratio |"
+        + (" GB/s | % of copy |" if bandwidth else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if bandwidth else ""),
     ]
     for label, bench in zip(labels, benches):
         s = bench["stats"]
         name = f"**{label}**" if label == baseline else label
         ratio = s["median"] / base_median if base_median > 0 else float("nan")
+        row = f"| {name} | {_ms(s['median'])} | {_ms(s['iqr'])} | {_ms(s['min'])} | {s['rounds']} | {ratio:.2f} |"
+        if bandwidth:
+            gbps = _gbps(bench)
+            row += " - | - |" if gbps is None else f" {_gb(gbps)} | {_pct(gbps / copy_gbps if copy_gbps else None)} |"
+        lines.append(row)
+    return lines
+
+
+def _size_info(size: str, benches: list[dict]) -> str:
+    e = benches[0].get("extra_info", {})
+    text = f"Parameter set {size}: {e['n_params']:,} float32 parameters in {e.get('n_tensors', '?')} tensors"
+    if e.get("optimizer") == "muon":
+        text += " (two matrices of the set)"
+    return text
+
+
+def copy_table(benches: list[dict]) -> list[str]:
+    """The measured copy bandwidth at each size: the limit the update groups' % of copy refers to."""
+    lines = [
+        f"### {COPY_GROUP}",
+        "",
+        "`dst.copy_(src)` over one flat float32 tensor of each parameter set's element count; "
+        "GB/s = 2 x 4 bytes x N (read src, write dst) / median.",
+        "",
+        "| size | elements | median (ms) | IQR (ms) | min (ms) | rounds | GB/s | GB/s at min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for bench in sorted(benches, key=lambda b: b["extra_info"]["n_params"]):
+        s, e = bench["stats"], bench["extra_info"]
         lines.append(
-            f"| {name} | {_ms(s['median'])} | {_ms(s['iqr'])} | {_ms(s['min'])} | {s['rounds']} | {ratio:.2f} |"
+            f"| {_size(bench)} | {e['n_params']:,} | {_ms(s['median'])} | {_ms(s['iqr'])} | {_ms(s['min'])} | "
+            f"{s['rounds']} | {_gb(_gbps(bench))} | {_gb(e['bytes_per_update'] / s['min'] / 1e9)} |"
         )
     return lines
+
+
+def _by_size(benches: list[dict]) -> dict[str, list[dict]]:
+    """An update group's entries split by parameter set, smallest set first."""
+    sizes: dict[str, list[dict]] = {}
+    for bench in sorted(benches, key=lambda b: b["extra_info"].get("n_params", 0)):
+        sizes.setdefault(_size(bench), []).append(bench)
+    return sizes
+
+
+def _copy_at(groups: dict[str, list[dict]], size: str) -> dict | None:
+    return next((b for b in groups.get(COPY_GROUP, []) if _size(b) == size), None)
 
 
 def _mib(n: float) -> str:
@@ -256,6 +394,45 @@ def compile_time_table(group: str, benches: list[dict]) -> list[str]:
     return lines
 
 
+def _is_recompiles(benches: list[dict]) -> bool:
+    return all("recompiles" in b.get("extra_info", {}) for b in benches)
+
+
+def recompiles_table(group: str, benches: list[dict]) -> list[str]:
+    """Graphs compiled over a scheduled run with interleaved eval, from step_recompiles.py's numbers."""
+    e0 = benches[0]["extra_info"]
+    lines = [
+        f"### {group}",
+        "",
+        f"{e0['train_calls']} compiled train steps of the mlp-step model with `{e0['schedule']}` "
+        f"({e0['distinct_lrs']} distinct learning rates) and a compiled eval step every {e0['eval_every']} steps, "
+        "in a fresh process. Graphs: dynamo's graph count read around every call; a recompile is a graph "
+        "made by any call but a function's first.",
+        "",
+        "| implementation | train graphs | eval graphs | recompiles | cached versions (train, eval) "
+        "| loss first → last |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for bench in benches:
+        e = bench["extra_info"]
+        lines.append(
+            f"| {_entry_label(bench)} | {e['train_graphs']} | {e['eval_graphs']} | {e['recompiles']} "
+            f"| {e['train_cache_entries']}, {e['eval_cache_entries']} | {e['first_loss']:.3f} → {e['last_loss']:.3f} |"
+        )
+    return lines
+
+
+def recompile_target_lines(groups: dict[str, list[dict]]) -> list[str]:
+    """One train graph, one eval graph and no recompile over the scheduled run, per entry."""
+    benches = [b for g in groups.values() if _is_recompiles(g) for b in g]
+    return [
+        f"- step-recompiles: `{_entry_label(b)}`: {b['extra_info']['train_graphs']} train graph(s), "
+        f"{b['extra_info']['eval_graphs']} eval graph(s), {b['extra_info']['recompiles']} recompiles "
+        f"(target 1, 1, 0): **{'met' if b['extra_info']['target_met'] else 'missed'}**"
+        for b in benches
+    ]
+
+
 def _groups(data: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for bench in data.get("benchmarks", []):
@@ -291,6 +468,43 @@ def target_lines(groups: dict[str, list[dict]], baselines: dict) -> list[str]:
     return lines
 
 
+def update_target_lines(groups: dict[str, list[dict]]) -> list[str]:
+    """The optimiser-update targets (AdamW, largest set): compiled vs torch-fused, and % of copy bandwidth."""
+    benches = [b for b in groups.get(UPDATE_TARGET_GROUP, []) if _size(b) == UPDATE_TARGET_SIZE]
+    by_label = {_entry_label(b): b for b in benches}
+    mine = by_label.get(UPDATE_TARGET_ENTRY)
+    if mine is None:
+        return []
+    n = mine["extra_info"]["n_params"]
+    where = f"{UPDATE_TARGET_GROUP}, {UPDATE_TARGET_SIZE} ({n:,} parameters)"
+    lines = []
+    theirs = by_label.get(UPDATE_TARGET_AGAINST)
+    if theirs is not None:
+        ratio = mine["stats"]["median"] / theirs["stats"]["median"]
+        met = ratio <= UPDATE_TARGET_RATIO
+        lines.append(
+            f"- {where}: compiled update (`{UPDATE_TARGET_ENTRY}`): {_ms(mine['stats']['median'])} ms, "
+            f"{ratio:.2f}x the median of `{UPDATE_TARGET_AGAINST}` ({_ms(theirs['stats']['median'])} ms; "
+            f"target <= {UPDATE_TARGET_RATIO:g}x): **{'met' if met else 'missed'}**"
+        )
+    copy = _copy_at(groups, UPDATE_TARGET_SIZE)
+    if copy is not None and _gbps(mine) is not None:
+        device = str(mine["extra_info"].get("device", "cpu")).split(":")[0]
+        limit = UPDATE_TARGET_COPY_FRACTION.get(device, UPDATE_TARGET_COPY_FRACTION["cuda"])
+        fraction = _gbps(mine) / _gbps(copy)
+        others = ", ".join(
+            f"`{label}` {_pct(_gbps(b) / _gbps(copy))}"
+            for label, b in by_label.items()
+            if label != UPDATE_TARGET_ENTRY and _gbps(b) is not None
+        )
+        lines.append(
+            f"- {where}: compiled update (`{UPDATE_TARGET_ENTRY}`): {_gb(_gbps(mine))} GB/s, "
+            f"{_pct(fraction)} of the copy bandwidth ({_gb(_gbps(copy))} GB/s; target >= {_pct(limit)} on {device}): "
+            f"**{'met' if fraction >= limit else 'missed'}**" + (f" (the others: {others})" if others else "")
+        )
+    return lines
+
+
 def render(data: dict, baselines: dict[str, str | tuple[str, ...]], title: str | None = None) -> str:
     groups = _groups(data)
     if not groups:
@@ -299,14 +513,23 @@ def render(data: dict, baselines: dict[str, str | tuple[str, ...]], title: str |
         step_run = any(g in STEP_GROUPS for g in groups)
         title = "functrain training-step benchmarks" if step_run else "functrain optimiser benchmarks"
     lines = [f"## {title}", "", *machine_lines(data)]
-    targets = target_lines(groups, baselines)
+    targets = update_target_lines(groups) + target_lines(groups, baselines) + recompile_target_lines(groups)
     if targets:
         lines += ["", "### Targets", "", *targets]
     for group, benches in groups.items():
-        if _is_memory(benches):
+        if group == COPY_GROUP:
+            table = copy_table(benches)
+        elif _size(benches[0]) is not None:
+            table = []
+            for size, sized in _by_size(benches).items():
+                table += ["", *group_table(group, sized, baselines.get(group), _copy_at(groups, size))]
+            table = table[1:]
+        elif _is_memory(benches):
             table = memory_table(group, benches, baselines.get(group))
         elif _is_compile_time(benches):
             table = compile_time_table(group, benches)
+        elif _is_recompiles(benches):
+            table = recompiles_table(group, benches)
         else:
             table = group_table(group, benches, baselines.get(group))
         lines += ["", *table]
@@ -314,7 +537,11 @@ def render(data: dict, baselines: dict[str, str | tuple[str, ...]], title: str |
 
 
 def plot(data: dict, baselines: dict, path: str) -> bool:
-    """A bar chart per timed group of each entry's ratio to its baseline; False without matplotlib."""
+    """Draws the run into a PNG; False without matplotlib.
+
+    An update group run at several sizes gets a row of two panels, median time and achieved bandwidth
+    against the parameter count, one line per implementation, with the copy bandwidth as the limit
+    in the second; every other timed group a bar chart of each entry's ratio to its baseline."""
     try:
         import matplotlib
 
@@ -322,20 +549,64 @@ def plot(data: dict, baselines: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = {g: b for g, b in _groups(data).items() if not _is_compile_time(b)}
-    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.2 * len(groups)), squeeze=False)
-    for ax, (group, benches) in zip(axes[:, 0], groups.items()):
+    all_groups = _groups(data)
+    sweeps = {
+        g: b
+        for g, b in all_groups.items()
+        if g != COPY_GROUP and len({_size(x) for x in b} - {None}) > 1 and all(_gbps(x) is not None for x in b)
+    }
+    bars = {
+        g: b
+        for g, b in all_groups.items()
+        if g not in sweeps and g != COPY_GROUP and not _is_compile_time(b) and not _is_recompiles(b)
+    }
+    if not sweeps and not bars:
+        return True
+    heights = [3.2] * len(sweeps) + [max(1.6, 0.3 * len(b) + 0.8) for b in bars.values()]
+    fig = plt.figure(figsize=(11, sum(heights)))
+    grid = fig.add_gridspec(len(heights), 2, height_ratios=heights)
+    copies = sorted(all_groups.get(COPY_GROUP, []), key=lambda b: b["extra_info"]["n_params"])
+    for row, (group, benches) in enumerate(sweeps.items()):
+        time_ax, bw_ax = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
+        labels = list(dict.fromkeys(_entry_label(b) for b in benches))
+        for label in labels:
+            points = sorted(
+                (b["extra_info"]["n_params"], b["stats"]["median"], _gbps(b))
+                for b in benches
+                if _entry_label(b) == label
+            )
+            n, median, gbps = zip(*points)
+            style = dict(marker="o", markersize=4, linewidth=1.2, label=label)
+            time_ax.plot(n, [m * 1e3 for m in median], **style)
+            bw_ax.plot(n, gbps, **style)
+        if copies:
+            n = [b["extra_info"]["n_params"] for b in copies]
+            bw_ax.plot(n, [_gbps(b) for b in copies], "k--", marker="s", markersize=4, linewidth=1.2, label="copy")
+        time_ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="median (ms)")
+        bw_ax.set(xscale="log", xlabel="parameters", ylabel="GB/s (bytes per update / median)")
+        bw_ax.set_ylim(bottom=0)
+        time_ax.set_title(f"{group}: median time per update", fontsize=9)
+        bw_ax.set_title(f"{group}: achieved bandwidth (copy: the limit)", fontsize=9)
+        for ax in (time_ax, bw_ax):
+            ax.grid(True, which="both", linewidth=0.3)
+            ax.tick_params(labelsize=8)
+        bw_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for row, (group, benches) in enumerate(bars.items(), start=len(sweeps)):
+        ax = fig.add_subplot(grid[row, :])
         memory = _is_memory(benches)
         value = (lambda b: b["extra_info"]["peak_above_base_bytes"]) if memory else (lambda b: b["stats"]["median"])
         labels = [_entry_label(b) for b in benches]
         baseline, _ = pick_baseline(benches, baselines.get(group), value)
         base = value(benches[labels.index(baseline)])
+        size = _size(benches[0])
         ax.barh(labels, [value(b) / base for b in benches])
         ax.axvline(1.0, color="k", linewidth=0.8)
-        ax.set_title(f"{group}: {'peak memory' if memory else 'median time'} / {baseline}", fontsize=9)
+        where = f" ({size})" if size else ""
+        ax.set_title(f"{group}{where}: {'peak memory' if memory else 'median time'} / {baseline}", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -360,10 +631,16 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="GROUP=ENTRY",
         help="the entry a group's ratios are taken against, or the fastest of several (ENTRY,ENTRY); "
-        "default: torch-foreach, the best torch eager entry for the step groups; repeatable",
+        "default: torch-fused for the AdamW and SGD updates (torch-foreach for the others), the best torch "
+        "eager entry for the step groups; repeatable",
     )
     parser.add_argument("--title", help="the markdown heading (default: from the groups in the JSON)")
-    parser.add_argument("--plot", metavar="PNG", help="also draw the ratios (needs matplotlib; skipped without)")
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw the run: time and bandwidth vs size for the update sweeps, ratio bars for the other groups "
+        "(needs matplotlib; skipped without)",
+    )
     args = parser.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
