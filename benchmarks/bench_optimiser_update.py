@@ -14,8 +14,11 @@ AdamW and SGD-momentum at ~1M, ~10M and ~100M parameters, Adafactor, Muon and Li
   ``updates, state = tx.update(grads, state, params=params, inplace=True);
   torchopt.apply_updates(params, updates, inplace=True)``, with ``torchopt.adamw(...)`` (its C++
   ``use_accelerated_op=True`` Adam kernel for ``-accelerated``) or ``torchopt.sgd(..., momentum=...)``.
-- ``copy`` (group ``copy-bandwidth``): ``dst.copy_(src)`` over one flat float32 tensor of the size's
-  element count: the device's copy bandwidth, against which report.py sets the updates' bandwidth.
+- ``copy`` and ``add-inplace`` (group ``copy-bandwidth``): ``dst.copy_(src)`` and ``a.add_(b)`` over
+  flat float32 tensors of the size's element count: the device's measured bandwidth, against which
+  report.py sets the updates'. A copy's store to ``dst`` first reads the line it writes (write-allocate),
+  traffic the 2 x 4N count does not see, so on a CPU the copy understates the limit; ``a.add_(b)``
+  reads every line it writes, as an in-place optimiser update does. The limit is the faster of the two.
 
 All take the same float32 parameters and gradients; the gradient computation is not timed.
 """
@@ -50,6 +53,7 @@ TRAFFIC: dict[str, tuple[int, int]] = {
     "sgd-momentum": (3, 2),  # reads param, grad, momentum buffer; writes param, buffer
     "lion": (3, 2),  # reads param, grad, m; writes param, m
     "copy": (1, 1),  # reads src; writes dst
+    "add-inplace": (2, 1),  # reads a, b; writes a
 }
 BYTES_PER_ELEMENT = 4  # float32
 
@@ -250,16 +254,20 @@ def test_sgd_momentum_update(impl, param_set, params, grads, run_steps, bench_co
 
 
 @pytest.mark.benchmark(group="copy-bandwidth")
-@pytest.mark.parametrize("impl", ["copy"])
+@pytest.mark.parametrize("impl", ["copy", "add-inplace"])
 @pytest.mark.parametrize("param_set", SIZE_IDS, indirect=True)
 def test_copy(impl, param_set, run_steps, bench_config):
-    """``dst.copy_(src)`` over one flat float32 tensor of the size's element count: the copy bandwidth."""
+    """``dst.copy_(src)`` / ``a.add_(b)`` over flat float32 tensors of the size's element count."""
     n = param_set.n_params
-    src = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(bench_config.device)
-    dst = torch.empty_like(src)
-    stepper = Stepper(lambda: dst.copy_(src), lambda: [dst])
-    run_steps(stepper, optimizer="copy", impl=impl, n_tensors=1, **traffic_info("copy", n))
-    assert torch.equal(dst, src)
+
+    def values() -> Tensor:
+        return torch.randn(n, generator=torch.Generator().manual_seed(2)).to(bench_config.device)
+
+    src, dst = values(), torch.zeros(n, device=bench_config.device)
+    # Adding zeros keeps the values: after any number of rounds the written tensor holds values().
+    step, written = ((lambda: dst.copy_(src)), dst) if impl == "copy" else ((lambda: src.add_(dst)), src)
+    run_steps(step, optimizer=impl, impl=impl, n_tensors=1, **traffic_info(impl, n))
+    assert torch.equal(written, values())
 
 
 # ----------------------------------------------------------------------------- more optimisers, at one size

@@ -258,7 +258,9 @@ def test_cnn_bn_step(impl, bench_config, time_step):
 
 
 @pytest.mark.benchmark(group="resnet18-32-step")
-@pytest.mark.parametrize("impl", ["functrain-eager", "functrain-compiled", *TORCH, *TORCHOPT])
+@pytest.mark.parametrize(
+    "impl", ["functrain-eager", "functrain-compiled", "functrain-compiled-inplace", *TORCH, *TORCHOPT]
+)
 def test_resnet18_step(impl, bench_config, time_step):
     """torchvision resnet18(num_classes=10) on 32x32 inputs, batch 32."""
     if bench_config.smoke and impl != "functrain-eager":
