@@ -20,6 +20,8 @@ and ``torch.compile``.
 from __future__ import annotations
 
 import copy
+import functools
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -423,4 +425,17 @@ def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
         return fn
     options = {} if compile is True else dict(compile)
     options.setdefault("fullgraph", True)
-    return torch.compile(fn, **options)
+    return torch.compile(_with_own_code(fn), **options)
+
+
+def _with_own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object, and at most ``recompile_limit`` (8) of them. Every
+    step built here is a closure over the same ``def``, so without a copy the ninth model compiled in
+    one process (a sweep, a benchmark suite, a notebook) would hit the limit, a hard error under
+    ``fullgraph=True``, and each step would check the guards of all the others' graphs.
+    """
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return functools.update_wrapper(own, fn)

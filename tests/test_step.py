@@ -456,6 +456,21 @@ def test_compiled_step_equals_eager_and_never_recompiles(compiled_steps):
     assert_trees_equal(compiled_state.buffers, eager_state.buffers, rtol=1e-5)
 
 
+def test_more_compiled_steps_than_dynamos_recompile_limit_in_one_process():
+    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; each built step has its
+    own, so a sweep over many models (here 10 architectures) never hits the limit."""
+    tx = ft.sgd(lr=0.1)
+    assert torch._dynamo.config.recompile_limit < 10
+    for depth in range(1, 11):
+        model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(depth)])
+        step = ft.make_train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), tx, compile={"backend": "eager"})
+        state = ft.TrainState.create(model, tx)
+        batch = (torch.randn(4, 3), torch.randn(4, 3))
+        new_state, metrics = step(state, batch)
+        expected = F.mse_loss(model(batch[0]), batch[1])
+        torch.testing.assert_close(metrics["loss"], expected.detach())
+
+
 @pytest.mark.slow
 def test_compiled_inplace_step_writes_into_the_state():
     model = mlp(torch.float32, batchnorm=False)
