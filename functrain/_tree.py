@@ -140,6 +140,21 @@ def add(a: Tree, b: Tree) -> Tree:
     return map(lambda x, y: x + y.to(x.dtype), a, b)
 
 
+def add_(a: Tree, b: Tree) -> Tree:
+    """``a += b`` leaf by leaf, in place (``b`` cast to each leaf's dtype); returns ``a``."""
+    b = _cast_like(b, a)
+    if fast_path_ok(leaves(a)):
+        foreach_map(_foreach_add_into, a, b)
+    else:
+        map(lambda x, y: x.add_(y), a, b)
+    return a
+
+
+def _foreach_add_into(xs: list[Tensor], ys: list[Tensor]) -> tuple[list[Tensor]]:
+    torch._foreach_add_(xs, ys)
+    return (xs,)
+
+
 def _cast_like(tree: Tree, like: Tree) -> Tree:
     return map(lambda t, ref: t if t.dtype == ref.dtype else t.to(ref.dtype), tree, like)
 

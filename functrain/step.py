@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _tree, _validate
+from ._donate import donated
 from .base import GradientTransformation, OptState, Params, register_state, step_count
 from .loss_scale import LossScaleState
 from .wrappers._common import find_states
@@ -260,8 +261,10 @@ def make_train_step(
         inplace: write the new params, buffers, optimiser state and step count into the input
             state's tensors instead of new ones (the returned state holds the same tensors). With
             ``compile``, inductor writes each result straight into its tensor, so a step needs no
-            second copy of params and optimiser state: torch.optim's peak memory. The input state
-            is consumed; do not reuse it.
+            second copy of params and optimiser state: torch.optim's peak memory. Eager, the state
+            is donated to the optimiser: the params are updated with an in-place add, and Adam's
+            fused kernel writes into the moments (other transforms build new state tensors, which
+            are then copied in). The input state is consumed; do not reuse it.
         microbatches: split each batch into this many equal parts along dim 0 and average their
             gradients (gradient accumulation inside one step). For a mean-reduced loss this is the
             full-batch gradient, in ``1/microbatches`` of the activation memory. BatchNorm sees
@@ -301,6 +304,7 @@ def make_train_step(
         raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
     _validate.integer(owner, "microbatches", microbatches, 1)
     forward = _Forward("train step", model, loss_fn, training=True, precision=precision)
+    donate = inplace and compile is False  # compiled in-place steps are written in place by inductor
 
     def loss_for_grad(params, buffers, batch, loss_scale):
         loss, metrics = forward(params, buffers, batch)
@@ -339,8 +343,13 @@ def make_train_step(
             grads = _tree.scale(grads, 1.0 / microbatches)
         if reduce_buffers is not None:
             buffers = reduce_buffers(buffers)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = _tree.add(state.params, updates)
+        if donate:  # eager in-place: the old state is consumed, so the update may write into it
+            with donated():
+                updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = _tree.add_(state.params, updates)
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = _tree.add(state.params, updates)
         new = TrainState(params, buffers, opt_state, state.step + 1)
         if inplace:
             new = _write_into(state, new)

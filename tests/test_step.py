@@ -117,6 +117,44 @@ def test_inplace_step_equals_pure_step_and_reuses_the_state_tensors():
     assert_trees_equal(inplace, pure)
 
 
+# Wrappers that keep the inner state on a skipped or discarded step: an eager in-place step donates
+# its state to the optimiser (torch's fused Adam writes into the moments), and these must still see
+# the old moments after the inner update.
+KEEP_INNER_STATE = {
+    "apply_if_finite": lambda: ft.apply_if_finite(ft.adamw(lr=1e-2), max_consecutive_errors=5),
+    "accumulate": lambda: ft.accumulate(ft.adamw(lr=1e-2), 2),
+    "dynamic_loss_scale": lambda: ft.dynamic_loss_scale(ft.adamw(lr=1e-2), init_scale=2.0**10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEEP_INNER_STATE))
+def test_inplace_step_with_a_skipping_wrapper_equals_the_pure_step(name):
+    model = mlp(batchnorm=False)
+    data = batches(5)
+    if name != "accumulate":  # accumulate discards the inner update on 1 call in 2 instead
+        data[2] = (data[2][0].clone().fill_(float("nan")), data[2][1])  # a non-finite step, to be skipped
+    tx = KEEP_INNER_STATE[name]()
+    pure, _ = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
+    inplace, _ = run_steps(
+        ft.make_train_step(model, classification, tx, inplace=True), snapshot(ft.TrainState.create(model, tx)), data
+    )
+    assert_trees_equal(inplace, pure)
+    assert all(bool(torch.isfinite(p).all()) for p in inplace.params.values())
+
+
+def test_eager_inplace_adam_writes_the_moments_where_they_lie():
+    """The donated fused-Adam path: no copies of the moments, the same numbers as the pure step."""
+    model = mlp()
+    tx = ft.adamw(lr=1e-2)
+    state = snapshot(ft.TrainState.create(model, tx))
+    mu = state.opt_state[0].mu
+    pointers = [t.data_ptr() for t in mu.values()]
+    step = ft.make_train_step(model, classification, tx, inplace=True)
+    new, _ = step(state, batches(1)[0])
+    assert new.opt_state[0].mu is mu and [t.data_ptr() for t in mu.values()] == pointers
+    assert any(bool(t.ne(0).any()) for t in mu.values())
+
+
 def test_eval_step_uses_running_statistics_and_changes_nothing():
     model = mlp()
     tx = ft.sgd(lr=0.1)

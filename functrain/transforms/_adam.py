@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
+from .._donate import is_donated
 from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 
@@ -140,9 +141,10 @@ def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps):
     """Runs torch's fused Adam kernel on new copies of ``moments`` (mu, nu[, nu_max]): it subtracts
     ``lr`` times the Adam direction from the list ``start`` in place. Returns the new moments.
 
-    Float hyperparameters only; ``count`` is the 1-based step.
+    Float hyperparameters only; ``count`` is the 1-based step. In a donated (eager in-place) step
+    the kernel writes into ``moments`` themselves.
     """
-    new_moments = [[m.clone() for m in ms] for ms in moments]
+    new_moments = [list(ms) for ms in moments] if is_donated() else [[m.clone() for m in ms] for ms in moments]
     mu, nu, *nu_max = new_moments
     steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
     torch._fused_adam_(

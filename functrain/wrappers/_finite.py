@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
+from .._donate import keeping_inputs
 from ..base import GradientTransformation, OptState, register_state, step_count
 
 
@@ -72,7 +73,7 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
         )
 
     def update(updates, state, params=None, **extra):
-        inner_updates, inner_state = tx.update(updates, state.inner_state, params, **extra)
+        inner_updates, inner_state = keeping_inputs(tx.update, updates, state.inner_state, params, **extra)
         # The gradients are checked too: a transform may map a NaN to a finite update (a sign, a
         # clipped norm) while its state has already taken the NaN in.
         finite = (_tree.all_finite(updates) & _tree.all_finite(inner_updates)).to(state.notfinite_count.device)
