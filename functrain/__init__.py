@@ -8,6 +8,7 @@ from . import (
     schedules as schedules,
     transforms as transforms,
 )
+from ._donate import keeping_inputs as keeping_inputs
 from ._hoist import hoist as hoist
 from .base import (
     EmptyState as EmptyState,
@@ -130,6 +131,7 @@ __all__ = [
     "lars",
     "latest_checkpoint",
     "lion",
+    "keeping_inputs",
     "load_checkpoint",
     "load_into_torch",
     "load_weights",

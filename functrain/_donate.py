@@ -37,8 +37,22 @@ def is_donated() -> bool:
 
 
 def keeping_inputs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` with its inputs left intact, for a wrapper that still reads the inner
-    state after the inner update (to keep it on a skipped step)."""
+    """``fn(*args, **kwargs)`` with its inputs left intact.
+
+    An eager ``make_train_step(..., inplace=True)`` step donates the optimiser state: transforms
+    with a fused in-place kernel (Adam's) may then write into the state they are given. A wrapper
+    that still reads the inner state after calling the inner update, to keep it on a skipped step
+    as ``apply_if_finite`` does, calls the inner update through this function.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adam(lr=0.1)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> state = tx.init(params)
+        >>> updates, new_state = ft.keeping_inputs(tx.update, {"w": torch.tensor([2.0])}, state, params)
+        >>> float(state[0].mu["w"]), float(new_state[0].mu["w"])
+        (0.0, 0.2...)
+    """
     if not is_donated():
         return fn(*args, **kwargs)
     with donated(False):
