@@ -343,13 +343,7 @@ def make_train_step(
             grads = _tree.scale(grads, 1.0 / microbatches)
         if reduce_buffers is not None:
             buffers = reduce_buffers(buffers)
-        if donate:  # eager in-place: the old state is consumed, so the update may write into it
-            with donated():
-                updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = _tree.add_(state.params, updates)
-        else:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = _tree.add(state.params, updates)
+        params, opt_state = _optimiser_step(tx, grads, state, donate)
         new = TrainState(params, buffers, opt_state, state.step + 1)
         if inplace:
             new = _write_into(state, new)
@@ -417,6 +411,20 @@ def _loss_scale_of(opt_state: OptState, precision: str | None) -> Tensor | None:
             "state and the step with tx = ft.dynamic_loss_scale(your_optimiser)"
         )
     return None
+
+
+def _optimiser_step(
+    tx: GradientTransformation, grads: Params, state: TrainState, donate: bool
+) -> tuple[Params, OptState]:
+    """The new params and optimiser state. A donated state (an eager in-place step consumes its
+    input) is updated where it lies. The branch is on a Python bool fixed when the step is built,
+    so a compiled step (never donated) traces no context manager."""
+    if not donate:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return _tree.add(state.params, updates), opt_state
+    with donated():
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return _tree.add_(state.params, updates), opt_state
 
 
 def _write_into(old: TrainState, new: TrainState) -> TrainState:
