@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _tree
+from ._donate import is_donated
 from ._hoist import hoist
 
 Params = Any
@@ -99,6 +100,43 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """
     _tree.check_same_structure(params, updates, "params", "updates")
     return _tree.add(params, updates)
+
+
+# The attribute of an ``update`` function holding its fused apply (see `with_fused_apply`).
+_FUSED_APPLY = "fused_apply"
+
+FusedApplyFn = Callable[..., Any]  # (updates, state, params) -> (params, state) or None
+
+
+def with_fused_apply(tx: GradientTransformation, apply: FusedApplyFn) -> GradientTransformation:
+    """``tx`` whose update offers ``apply(updates, state, params) -> (new_params, new_state)``: the
+    update added to the parameters by one kernel (torch's fused Adam does it in a single pass over
+    memory, with no update buffer), or ``None`` where that kernel cannot run.
+
+    A training step uses it through :func:`update_and_apply`. ``apply`` must equal
+    ``apply_updates(params, tx.update(updates, state, params)[0])`` up to float rounding, and in a
+    donated step (see ``functrain._donate``) it writes into ``params`` and ``state`` themselves.
+    The offer lives on the ``update`` function, so the pair stays an ``(init, update)`` NamedTuple;
+    any wrapper around ``tx`` builds a new update without it and so takes the general path.
+    """
+    setattr(tx.update, _FUSED_APPLY, apply)
+    return tx
+
+
+def update_and_apply(
+    tx: GradientTransformation, updates: Updates, state: OptState, params: Params
+) -> tuple[Params, OptState]:
+    """One optimiser step: the new parameters and state.
+
+    ``tx``'s fused apply where it offers one and can run, else ``tx.update`` then
+    :func:`apply_updates`. In a donated step the parameters are updated where they lie.
+    """
+    apply = getattr(tx.update, _FUSED_APPLY, None)
+    applied = apply(updates, state, params) if apply is not None else None
+    if applied is not None:
+        return applied
+    updates, state = tx.update(updates, state, params)
+    return (_tree.add_ if is_donated() else _tree.add)(params, updates), state
 
 
 def value_at(hyperparameter: Hyperparameter, count: Tensor) -> float | Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import _tree, _validate
 from ._donate import donated
-from .base import GradientTransformation, OptState, Params, register_state, step_count
+from .base import GradientTransformation, OptState, Params, register_state, step_count, update_and_apply
 from .loss_scale import LossScaleState
 from .wrappers._common import find_states
 
@@ -420,11 +420,9 @@ def _optimiser_step(
     input) is updated where it lies. The branch is on a Python bool fixed when the step is built,
     so a compiled step (never donated) traces no context manager."""
     if not donate:
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return _tree.add(state.params, updates), opt_state
+        return update_and_apply(tx, grads, state.opt_state, state.params)
     with donated():
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return _tree.add_(state.params, updates), opt_state
+        return update_and_apply(tx, grads, state.opt_state, state.params)
 
 
 def _write_into(old: TrainState, new: TrainState) -> TrainState:

@@ -90,6 +90,23 @@ def test_step_equals_backward_and_torch_optim_with_batchnorm(make_tx, make_opt):
     assert_trees_equal(state.buffers, buffers, rtol=1e-10)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "inplace"])
+def test_eager_adamw_step_is_torch_fused_adamw_bit_for_bit(inplace):
+    """An eager step applies ft.adamw with torch's fused AdamW kernel run on the parameters
+    themselves (no update buffer): the same arithmetic as torch.optim.AdamW(fused=True)."""
+    model = mlp(batchnorm=False, dtype=torch.float32)
+    tx = ft.adamw(lr=1e-2, weight_decay=0.1)
+    data = batches(6, dtype=torch.float32)
+    step = ft.make_train_step(model, classification, tx, inplace=inplace)
+    state, _ = run_steps(step, snapshot(ft.TrainState.create(model, tx)), data)
+    params, _ = run_torch(
+        mlp(batchnorm=False, dtype=torch.float32),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+        data,
+    )
+    assert_trees_equal(state.params, {k: v.detach() for k, v in params.items()})
+
+
 def test_step_is_pure_input_state_and_model_untouched():
     """functional_call lets BatchNorm write into the buffers it is handed: the step must hand it copies."""
     model = mlp()

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import GradientTransformation, Hyperparameter
+from .._donate import is_donated
+from ..base import GradientTransformation, Hyperparameter, with_fused_apply
 from ..transforms import scale_by_adam, scale_by_amsgrad
 from ..transforms._adam import fused_adam_step
 from ..wrappers import schedulable
@@ -129,34 +130,56 @@ def _adam(owner, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weig
 
 def _fused_when_eager(tx: GradientTransformation, b1, b2, eps, lr, weight_decay, amsgrad) -> GradientTransformation:
     """``tx`` (the chain ``scale_by_adam -> decoupled decay -> -lr``), whose eager update runs the
-    whole chain as one call of torch's fused Adam kernel per (device, dtype) group.
+    whole chain as one call of torch's fused AdamW kernel per (device, dtype) group, and which
+    offers a fused apply (see ``with_fused_apply``) for training steps.
 
-    The chain's own multi-tensor path writes the Adam direction, then the decayed and scaled
-    update, into two new buffers; here the kernel's "parameter" starts at ``-lr * wd * params`` and
-    the kernel subtracts ``lr * direction`` from it in the same pass, so a step allocates only what
-    a pure step must: the new moments, the update and (in ``apply_updates``) the new parameters.
+    The update: the chain's own multi-tensor path writes the Adam direction, then the decayed and
+    scaled update, into two new buffers; here the kernel's "parameter" starts at
+    ``-lr * wd * params`` and the kernel subtracts ``lr * direction`` from it in the same pass, so an
+    update allocates only the new moments and the update.
+
+    The apply: the kernel runs on the parameters themselves (a pure step's new copy of them, or a
+    donated step's own tensors), exactly as ``torch.optim.AdamW(fused=True)`` steps, so no update
+    buffer is written at all.
+
     The state is exactly the chain's. Anything else (tensor hyperparameters, compile, vmap, grad)
     runs the chain.
     """
     if any(isinstance(h, Tensor) for h in (b1, b2, eps, lr, weight_decay)):
         return tx
 
-    def update(updates, state, params=None, **extra):
+    def fusable(updates, params) -> bool:
         leaves = _tree.leaves(updates)
-        if (
-            params is None
-            or not _tree.fast_path_ok(leaves)
-            or any(t.device.type not in ("cpu", "cuda") for t in leaves)
-        ):
-            return tx.update(updates, state, params, **extra)
+        return (
+            params is not None
+            and _tree.fast_path_ok(leaves)
+            and _tree.fast_path_ok(_tree.leaves(params))
+            and all(t.device.type in ("cpu", "cuda") for t in leaves)
+        )
+
+    def fused_step(updates, state, params, starts, decay):
+        """The kernel, decaying by ``decay``, on ``starts(ps)`` per group: (the stepped lists, the new state)."""
         adam_state, *rest = state
         count = adam_state.count + 1
 
         def fused(gs, ps, *moments):
-            out = torch._foreach_mul(ps, -lr * weight_decay)
-            return (*fused_adam_step(out, gs, moments, count, lr, b1, b2, eps), out)
+            out = starts(ps)
+            return (out, *fused_adam_step(out, gs, moments, count, lr, b1, b2, eps, decay))
 
-        *new_moments, out = _tree.foreach_map(fused, updates, params, *adam_state[1:])
+        out, *new_moments = _tree.foreach_map(fused, updates, params, *adam_state[1:])
         return out, (type(adam_state)(count, *new_moments), *rest)
 
-    return GradientTransformation(tx.init, update)
+    def update(updates, state, params=None, **extra):
+        if not fusable(updates, params):
+            return tx.update(updates, state, params, **extra)
+        # The kernel's "parameter" starts at the decay term; the kernel then adds -lr * direction.
+        return fused_step(updates, state, params, lambda ps: torch._foreach_mul(ps, -lr * weight_decay), 0.0)
+
+    def apply(updates, state, params):
+        if not fusable(updates, params):
+            return None
+        # A donated step's params are stepped where they lie, a pure step's in a new copy.
+        own = is_donated()
+        return fused_step(updates, state, params, lambda ps: ps if own else [p.clone() for p in ps], weight_decay)
+
+    return with_fused_apply(GradientTransformation(tx.init, update), apply)

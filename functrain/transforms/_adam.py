@@ -137,9 +137,10 @@ def _adam_multi_tensor(gs, ms, vs, vmaxs, b1, b2, eps, count, bc1, bc2_sqrt):
     return _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt)
 
 
-def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps):
-    """Runs torch's fused Adam kernel on new copies of ``moments`` (mu, nu[, nu_max]): it subtracts
-    ``lr`` times the Adam direction from the list ``start`` in place. Returns the new moments.
+def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps, weight_decay=0.0):
+    """Runs torch's fused AdamW kernel on new copies of ``moments`` (mu, nu[, nu_max]): in place,
+    it decays the list ``start`` by ``lr * weight_decay`` times itself and subtracts ``lr`` times the
+    Adam direction from it. Returns the new moments.
 
     Float hyperparameters only; ``count`` is the 1-based step. In a donated (eager in-place) step
     the kernel writes into ``moments`` themselves.
@@ -147,7 +148,7 @@ def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps):
     new_moments = [list(ms) for ms in moments] if is_donated() else [[m.clone() for m in ms] for ms in moments]
     mu, nu, *nu_max = new_moments
     steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
-    torch._fused_adam_(
+    torch._fused_adamw_(
         start,
         gs,
         mu,
@@ -157,7 +158,7 @@ def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps):
         lr=lr,
         beta1=b1,
         beta2=b2,
-        weight_decay=0.0,
+        weight_decay=weight_decay,
         eps=eps,
         amsgrad=bool(nu_max),
         maximize=False,
