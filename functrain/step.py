@@ -417,9 +417,11 @@ def _optimiser_step(
     tx: GradientTransformation, grads: Params, state: TrainState, donate: bool
 ) -> tuple[Params, OptState]:
     """The new params and optimiser state. A donated state (an eager in-place step consumes its
-    input) is updated where it lies. The branch is on a Python bool fixed when the step is built,
-    so a compiled step (never donated) traces no context manager."""
-    if not donate:
+    input) is updated where it lies. The branch is on Python bools, so a compiled step traces no
+    context manager: neither one built with ``compile`` nor an eager one that the caller wraps in
+    ``torch.compile`` (e.g. ``torch.compile(torch.func.vmap(step))``), where inductor does the
+    writing in place."""
+    if not donate or torch.compiler.is_compiling():
         return update_and_apply(tx, grads, state.opt_state, state.params)
     with donated():
         return update_and_apply(tx, grads, state.opt_state, state.params)

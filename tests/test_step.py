@@ -344,6 +344,25 @@ def test_vmapped_ensemble_with_k_learning_rates_equals_k_runs():
         assert_trees_equal(ft.unstack_states(stacked)[i].params, alone.params, rtol=1e-12)
 
 
+@pytest.mark.slow
+def test_an_eager_inplace_step_compiled_by_the_caller_around_vmap_equals_the_pure_ensemble():
+    """``torch.compile(torch.func.vmap(step))`` of an ``inplace=True`` step: under the caller's
+    compile the step does not donate (no context manager is traced); the stacked state is
+    written where it lies and equals the pure vmapped step."""
+    model = mlp(torch.float32, batchnorm=False)
+    tx = ft.adamw(lr=1e-2)
+    data = batches(3, dtype=torch.float32)
+    stacked = ft.stack_states([ft.TrainState.create(mlp(torch.float32, batchnorm=False, seed=i), tx) for i in range(3)])
+    pure_step = torch.func.vmap(ft.make_train_step(model, classification, tx), in_dims=(0, None))
+    pure, _ = run_steps(pure_step, stacked, data)
+    state = snapshot(stacked)
+    pointers = [t.data_ptr() for t in _tree.leaves(state)]
+    inplace_step = ft.make_train_step(model, classification, tx, inplace=True)
+    state, _ = run_steps(torch.compile(torch.func.vmap(inplace_step, in_dims=(0, None)), fullgraph=True), state, data)
+    assert [t.data_ptr() for t in _tree.leaves(state)] == pointers
+    assert_trees_equal(state.params, pure.params, rtol=1e-5)
+
+
 def regression(model, batch):
     x, y = batch
     return F.mse_loss(model(x), y)
