@@ -11,14 +11,20 @@ Entries (the ids report.py reads):
 - ``functrain-eager`` / ``functrain-eager-inplace``: ``ft.make_train_step(model, loss_fn,
   ft.adamw(...))``, pure or ``inplace=True``.
 - ``functrain-compiled`` / ``functrain-compiled-inplace``: the same with ``compile=True`` (one
-  ``torch.compile(fullgraph=True)`` graph: forward, backward and update).
+  ``torch.compile(fullgraph=True)`` graph: forward, backward and update). Each float32 GEMM in it
+  runs on the faster of ATen's BLAS (MKL) and oneDNN, timed when the step compiles
+  (``functrain/_gemm.py``).
+- ``functrain-compiled-inplace-aten-gemm`` (mlp-step): the in-place compiled step with that choice
+  turned off (``compile={"options": {"post_grad_custom_post_pass": None}}``), every GEMM on ATen's
+  kernels as in the torch entries: the step's own gain, apart from the GEMM library's.
 - ``torch-foreach`` / ``torch-fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)`` with
   ``loss.backward()``; the better of the two is each group's baseline ("best torch eager").
 - ``torch-compiled``: ``torch.compile(model)`` with fused AdamW (compiled imperative).
 - ``torchopt``: ``torchopt.AdamW(model.parameters(), ..., use_accelerated_op=True)`` in the same
   ``loss.backward(); opt.step()`` loop (skipped when torchopt is not installed).
 
-Groups: ``mlp-step`` (784-512-512-10, batch 256), ``cnn-bn-step`` (3 conv+BatchNorm+ReLU blocks,
+Groups: ``mlp-step`` (784-512-512-10, batch 256), ``mlp-gemms`` (the eight matrix products of one
+mlp-step step alone, on ATen's ``mm``/``addmm`` and on oneDNN), ``cnn-bn-step`` (3 conv+BatchNorm+ReLU blocks,
 32x32x3, batch 64), ``resnet18-32-step`` (torchvision resnet18, 10 classes, 32x32, batch 32),
 ``gpt-step`` (a GPT-2-style language model of 10.0M parameters, gpt.py: 6 blocks of width 256,
 vocabulary 10240, 4 sequences of 64 tokens),
@@ -168,9 +174,14 @@ class Stepper:
         assert any(not torch.equal(a, b) for a, b in zip(final, self.initial)), "the step left the parameters unchanged"
 
 
+# The compile options of ``*-aten-gemm`` entries: functrain's GEMM selection off.
+ATEN_GEMMS = {"options": {"post_grad_custom_post_pass": None}}
+
+
 def functrain_stepper(impl: str, model: nn.Module, batches, loss=loss_fn) -> Stepper:
     tx = ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    step = ft.make_train_step(model, loss, tx, compile="compiled" in impl, inplace=impl.endswith("inplace"))
+    compile = (ATEN_GEMMS if impl.endswith("aten-gemm") else True) if "compiled" in impl else False
+    step = ft.make_train_step(model, loss, tx, compile=compile, inplace="inplace" in impl)
     carry = {"state": ft.TrainState.create(model, tx)}
 
     def run(batch) -> None:
@@ -241,10 +252,47 @@ def _run_group(group: str, impl: str, bench_config, time_step) -> None:
 
 
 @pytest.mark.benchmark(group="mlp-step")
-@pytest.mark.parametrize("impl", [*FUNCTRAIN, *TORCH, *TORCHOPT])
+@pytest.mark.parametrize("impl", [*FUNCTRAIN, "functrain-compiled-inplace-aten-gemm", *TORCH, *TORCHOPT])
 def test_mlp_step(impl, bench_config, time_step):
     """MLP 784-512-512-10 (ReLU), batch 256, cross-entropy, AdamW: one step per round."""
     _run_group("mlp-step", impl, bench_config, time_step)
+
+
+def mlp_gemms(x: Tensor, ws: list[Tensor], bs: list[Tensor], g3: Tensor, mm, addmm) -> None:
+    """The eight matrix products of an mlp-step step, with the shapes and transposes autograd uses:
+    three forward ``addmm``, then the input gradients of layers 3 and 2 and the three weight
+    gradients (the input needs none)."""
+    h1 = addmm(bs[0], x, ws[0].t())
+    h2 = addmm(bs[1], h1, ws[1].t())
+    addmm(bs[2], h2, ws[2].t())
+    g2 = mm(g3, ws[2])
+    g1 = mm(g2, ws[1])
+    for g, h in ((g3, h2), (g2, h1), (g1, x)):
+        mm(g.t(), h)
+
+
+@pytest.mark.benchmark(group="mlp-gemms")
+@pytest.mark.parametrize("impl", ["aten", "onednn"])
+def test_mlp_gemms(impl, bench_config, time_step):
+    """The floor under every mlp-step entry: its eight GEMMs alone (one round runs all eight), on
+    ATen (MKL's sgemm, which eager torch, torch.compile and the torch entries use) or oneDNN (which
+    functrain's compiled steps choose where it is faster; ``functrain/_gemm.py``)."""
+    from functrain import _gemm
+
+    if impl == "onednn" and not _gemm.onednn_available():
+        pytest.skip("torch built without oneDNN")
+    p = problem("mlp-step", bench_config.smoke)
+    model = p.make_model().to(bench_config.device)
+    ws = [m.weight.detach() for m in model if isinstance(m, nn.Linear)]
+    bs = [m.bias.detach() for m in model if isinstance(m, nn.Linear)]
+    x = make_batches(p, bench_config.device, n=1)[0][0]
+    g3 = torch.randn(p.batch, ws[-1].shape[0], device=bench_config.device)
+    if impl == "aten":
+        mm, addmm = torch.mm, torch.addmm
+    else:
+        mm, addmm = _gemm.onednn_mm, lambda bias, a, b: _gemm.onednn_mm(a, b, bias)
+    with torch.no_grad():
+        time_step(lambda: mlp_gemms(x, ws, bs, g3, mm, addmm), rounds=p.rounds, batch=p.batch, impl=impl)
 
 
 @pytest.mark.benchmark(group="cnn-bn-step")
@@ -268,9 +316,8 @@ def test_resnet18_step(impl, bench_config, time_step):
     _run_group("resnet18-32-step", impl, bench_config, time_step)
 
 
-# functrain-eager-inplace is left out: an eager in-place step computes the new tensors and then copies
-# them into the state, so it saves neither time nor memory over functrain-eager (mlp-step and
-# step-memory measure it), and each entry here costs 18 rounds of a ~0.1 s step.
+# functrain-eager-inplace is left out: mlp-step and step-memory measure it, and each entry here costs
+# 18 rounds of a ~0.1 s step.
 GPT_ENTRIES = ("functrain-eager", "functrain-compiled", "functrain-compiled-inplace", *TORCH, *TORCHOPT)
 
 

@@ -43,6 +43,7 @@ DEFAULT_BASELINES: dict[str, str | tuple[str, ...]] = {
     "muon-update": "torch-forloop",  # torch.optim.Muon has only the for-loop
     "lion-update": "functrain",  # no torch.optim Lion: compiled against eager
     "mlp-step": BEST_TORCH_EAGER,
+    "mlp-gemms": "aten",
     "cnn-bn-step": BEST_TORCH_EAGER,
     "resnet18-32-step": BEST_TORCH_EAGER,
     "gpt-step": BEST_TORCH_EAGER,
@@ -53,6 +54,7 @@ DEFAULT_BASELINES: dict[str, str | tuple[str, ...]] = {
 FALLBACK_BASELINE = "torch-foreach"
 STEP_GROUPS = (
     "mlp-step",
+    "mlp-gemms",
     "cnn-bn-step",
     "resnet18-32-step",
     "gpt-step",
@@ -89,6 +91,8 @@ TARGETS = (
             ("functrain-eager-inplace", 1.2, "eager in-place step"),
         )
     ),
+    # The same step with functrain's GEMM choice off: every GEMM on ATen's kernels, as torch's.
+    Target("mlp-step", "functrain-compiled-inplace-aten-gemm", 0.9, True, "compiled in-place step, ATen GEMMs"),
     Target("step-memory", "functrain-compiled-inplace", 1.05, True, "peak memory, compiled in-place step"),
     Target("ensemble", "functrain-vmap-compiled", 3.0, False, "K=16 vmapped compiled step"),
     Target("ensemble-tiny", "functrain-vmap-compiled", 3.0, False, "K=16 vmapped compiled step (tiny MLPs)"),

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import _tree, _validate
 from ._donate import donated
+from ._gemm import GEMM_PASS
 from .base import GradientTransformation, OptState, Params, register_state, step_count, update_and_apply
 from .loss_scale import LossScaleState
 from .wrappers._common import find_states
@@ -442,7 +443,26 @@ def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
         return fn
     options = {} if compile is True else dict(compile)
     options.setdefault("fullgraph", True)
-    return torch.compile(_with_own_code(fn), **options)
+    return torch.compile(_with_own_code(fn), **_with_gemm_pass(options))
+
+
+def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with inductor's post-grad pass set to :data:`functrain._gemm.GEMM_PASS` (each
+    float32 CPU GEMM on the faster of ATen's BLAS and oneDNN), unless the caller set that pass
+    themselves (``None`` turns it off) or compiles with another backend.
+
+    ``torch.compile`` takes a ``mode`` or ``options``, not both, so a ``mode`` becomes the inductor
+    options it stands for.
+    """
+    if options.get("backend", "inductor") != "inductor":
+        return options
+    options = dict(options)
+    mode = options.pop("mode", None)
+    inductor = dict(options.get("options") or {})
+    if mode is not None:
+        inductor = {**torch._inductor.list_mode_options(mode, options.get("dynamic")), **inductor}
+    inductor.setdefault("post_grad_custom_post_pass", GEMM_PASS)
+    return {**options, "options": inductor}
 
 
 def _with_own_code(fn: Callable) -> Callable:

@@ -1,0 +1,132 @@
+"""Compiled steps run each dense float32 CPU GEMM on whichever library is faster for its shape.
+
+ATen sends a float32 ``mm``/``addmm`` on the CPU to MKL's ``sgemm``, and inductor keeps that call in
+a compiled graph. MKL picks its code path by CPU vendor: on AMD processors it runs its AVX2 kernels
+even where the CPU has AVX-512, while oneDNN (also inside torch, used for bf16 and for inference
+with ``freezing``) dispatches on the CPU's features. On the AMD EPYC this project benchmarks on,
+oneDNN runs the MLP benchmark's GEMMs in 0.43-0.62x of MKL's time (``benchmarks/gemm_libraries.py``).
+
+:data:`GEMM_PASS` is an inductor post-grad pass that times both libraries once per GEMM signature
+(shapes, strides), on the machine compiling the step, and rewrites the GEMMs where oneDNN is
+faster into the ``functrain::onednn_mm`` op. Both compute the same sums in a different order, so
+results agree to float32 rounding, as any two BLAS builds do. A graph recompiled from inductor's
+cache keeps the choices made when it was built.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+aten = torch.ops.aten
+
+# oneDNN must beat ATen's time by this factor to be chosen: a margin over timing noise, so that a
+# shape where the two tie keeps the default library.
+_MARGIN = 0.9
+# Timed calls per library; the median of them decides.
+_TIMED_CALLS = 7
+
+
+@torch.library.custom_op("functrain::onednn_mm", mutates_args=())
+def onednn_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ b (+ bias)`` by oneDNN's inner-product primitive (which takes the weight as ``b.T``)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+@onednn_mm.register_fake
+def _(a, b, bias=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def gemm_operands(node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
+    """``(a, b, bias)`` of a float32 CPU ``mm``/``addmm`` node with static shapes that oneDNN can
+    run as ``a @ b + bias``; ``None`` for any other node."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.mm.default:
+        a, b, bias = *node.args, None
+    elif node.target is aten.addmm.default and len(node.args) == 3:
+        if any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+            return None
+        bias, a, b = node.args
+    else:
+        return None
+    values = [x.meta.get("val") if isinstance(x, torch.fx.Node) else x for x in (a, b, bias)]
+    if not all(isinstance(v, Tensor) for v in values[:2]) or not isinstance(values[2], (Tensor, type(None))):
+        return None
+    va, vb, vbias = values
+    if vbias is not None and tuple(vbias.shape) != (vb.shape[1],):
+        return None  # oneDNN adds a bias vector; a full matrix or a broadcast row stays with addmm
+    tensors = [v for v in values if v is not None]
+    if any(v.device.type != "cpu" or v.dtype != torch.float32 for v in tensors):
+        return None
+    if any(not isinstance(s, int) for v in tensors for s in (*v.shape, *v.stride())):
+        return None  # dynamic shapes: nothing to time
+    if va.dim() != 2 or vb.dim() != 2 or 0 in (*va.shape, *vb.shape):
+        return None
+    return a, b, bias
+
+
+def _like(value: Tensor) -> Tensor:
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype).normal_()
+
+
+def _median_seconds(fn) -> float:
+    fn()  # warm-up: oneDNN builds and caches its primitive on the first call
+    times = []
+    for _ in range(_TIMED_CALLS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+_CHOICES: dict[tuple, bool] = {}
+
+
+def onednn_is_faster(a: Tensor, b: Tensor, bias: Tensor | None) -> bool:
+    """Whether oneDNN runs ``a @ b (+ bias)`` for tensors of these shapes and strides in at most
+    ``_MARGIN`` of ATen's time on this machine (measured once per signature per process)."""
+    key = tuple((tuple(t.shape), tuple(t.stride())) if t is not None else None for t in (a, b, bias))
+    if key not in _CHOICES:
+        a, b = _like(a), _like(b)
+        bias = None if bias is None else _like(bias)
+        aten_call = (lambda: torch.mm(a, b)) if bias is None else (lambda: torch.addmm(bias, a, b))
+        with torch.no_grad():
+            _CHOICES[key] = _median_seconds(lambda: onednn_mm(a, b, bias)) <= _MARGIN * _median_seconds(aten_call)
+    return _CHOICES[key]
+
+
+class FasterGemms(CustomGraphPass):
+    """Rewrites each GEMM that oneDNN runs faster than ATen into ``functrain::onednn_mm``."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if not onednn_available():
+            return
+        for node in list(graph.nodes):
+            operands = gemm_operands(node)
+            if operands is None:
+                continue
+            values = [x.meta["val"] if isinstance(x, torch.fx.Node) else None for x in operands]
+            if not onednn_is_faster(*values):
+                continue
+            with graph.inserting_before(node):
+                replacement = graph.call_function(torch.ops.functrain.onednn_mm.default, operands)
+            replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+GEMM_PASS = FasterGemms()
