@@ -258,14 +258,17 @@ def make_train_step(
         tx: the gradient transformation (an optimiser, or any composition).
         compile: ``True``, or a dict of ``torch.compile`` options (e.g. ``{"mode": "max-autotune"}``),
             compiles the whole step with ``fullgraph=True``: one graph. Hyperparameters and
-            schedules are tensors in the state, so moving them never recompiles.
+            schedules are tensors in the state, so moving them never recompiles. On the CPU, each
+            float32 GEMM runs on the faster of MKL and oneDNN for its shape, timed at compile time
+            (``{"options": {"post_grad_custom_post_pass": None}}`` keeps them all on ATen's MKL).
         inplace: write the new params, buffers, optimiser state and step count into the input
             state's tensors instead of new ones (the returned state holds the same tensors). With
             ``compile``, inductor writes each result straight into its tensor, so a step needs no
             second copy of params and optimiser state: torch.optim's peak memory. Eager, the state
-            is donated to the optimiser: the params are updated with an in-place add, and Adam's
-            fused kernel writes into the moments (other transforms build new state tensors, which
-            are then copied in). The input state is consumed; do not reuse it.
+            is donated to the optimiser: ``adam``/``adamw`` run torch's fused kernel on the params
+            and moments where they lie, as ``torch.optim.AdamW(fused=True)`` does; with other
+            transforms the params get an in-place add and the new state tensors are copied in.
+            The input state is consumed; do not reuse it.
         microbatches: split each batch into this many equal parts along dim 0 and average their
             gradients (gradient accumulation inside one step). For a mean-reduced loss this is the
             full-batch gradient, in ``1/microbatches`` of the activation memory. BatchNorm sees
