@@ -3,6 +3,8 @@ oneDNN where that is measured faster than ATen's BLAS, with the same result to f
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,20 @@ def test_the_choice_follows_the_timings_once_per_signature(monkeypatch):
     assert [_gemm.onednn_is_faster(a, w, None) for a, w in zip(shapes, b)] == [False, False, True]
     assert _gemm.onednn_is_faster(shapes[2], b[2], None) is True
     assert len(timed) == 6
+
+
+def test_a_long_gemm_is_timed_once_after_its_warm_up():
+    """Timing a big GEMM seven times would add seconds to a compile; a call over 10 ms is steady."""
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.011)
+
+    assert _gemm._median_seconds(slow) >= 0.011 and len(calls) == 2
+    calls.clear()
+    _gemm._median_seconds(lambda: calls.append(1))
+    assert len(calls) == 1 + _gemm._TIMED_CALLS
 
 
 def test_the_pass_rides_on_the_compile_options_and_a_mode_becomes_its_options():
