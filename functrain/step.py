@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from . import _tree, _validate
 from ._donate import donated
-from ._gemm import GEMM_PASS
 from .base import GradientTransformation, OptState, Params, register_state, step_count, update_and_apply
 from .loss_scale import LossScaleState
 from .wrappers._common import find_states
@@ -455,15 +454,20 @@ def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
     themselves (``None`` turns it off) or compiles with another backend.
 
     ``torch.compile`` takes a ``mode`` or ``options``, not both, so a ``mode`` becomes the inductor
-    options it stands for.
+    options it stands for (given both, the options are left for ``torch.compile`` to refuse).
     """
-    if options.get("backend", "inductor") != "inductor":
+    if options.get("backend", "inductor") != "inductor" or ("mode" in options and "options" in options):
         return options
+    # Imported here: importing inductor takes over a second, which only a compiled step should pay.
+    from torch._inductor import list_mode_options
+
+    from ._gemm import GEMM_PASS
+
     options = dict(options)
     mode = options.pop("mode", None)
     inductor = dict(options.get("options") or {})
     if mode is not None:
-        inductor = {**torch._inductor.list_mode_options(mode, options.get("dynamic")), **inductor}
+        inductor = list_mode_options(mode, options.get("dynamic"))
     inductor.setdefault("post_grad_custom_post_pass", GEMM_PASS)
     return {**options, "options": inductor}
 

@@ -3,6 +3,8 @@ oneDNN where that is measured faster than ATen's BLAS, with the same result to f
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -135,6 +137,15 @@ def test_the_pass_rides_on_the_compile_options_and_a_mode_becomes_its_options():
         "post_grad_custom_post_pass": None
     }
     assert _with_gemm_pass({"backend": "eager"}) == {"backend": "eager"}
+    both = {"mode": "max-autotune", "options": {"max_autotune": True}}  # torch.compile refuses this
+    assert _with_gemm_pass(both) == both
+
+
+def test_importing_functrain_leaves_inductor_unimported():
+    """Importing inductor takes over a second; only building a compiled step should pay for it."""
+    code = "import sys, functrain; print('torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def mlp(seed=0):
