@@ -81,7 +81,9 @@ def gemm_operands(node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
 
 
 def _like(value: Tensor) -> Tensor:
-    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype).normal_()
+    """Random numbers in ``value``'s shape and strides; an expanded (stride-0) operand stays one."""
+    storage = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+    return torch.randn(storage, dtype=value.dtype).as_strided(value.shape, value.stride())
 
 
 def _seconds(fn) -> float:

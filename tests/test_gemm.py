@@ -122,6 +122,24 @@ def test_a_long_gemm_is_timed_once_after_its_warm_up():
     assert len(calls) == 1 + _gemm._TIMED_CALLS
 
 
+@needs_onednn
+def test_timing_an_expanded_operand_keeps_its_strides(monkeypatch):
+    """The timed operands copy each GEMM's shape and strides, a broadcast (stride-0) one included."""
+    monkeypatch.setattr(_gemm, "_CHOICES", {})
+    a, b = torch.randn(1, 7).expand(5, 7), torch.randn(7, 3)
+    seen = []
+    real = _gemm.onednn_mm
+
+    def spy(x, y, bias=None):
+        seen.append((x.stride(), y.stride()))
+        return real(x, y, bias)
+
+    monkeypatch.setattr(_gemm, "onednn_mm", spy)
+    assert isinstance(_gemm.onednn_is_faster(a, b, None), bool)
+    assert set(seen) == {((0, 1), (3, 1))}
+    assert relative_error(real(a, b), torch.mm(a, b)) < 1e-6
+
+
 def test_the_pass_rides_on_the_compile_options_and_a_mode_becomes_its_options():
     assert _with_gemm_pass({"fullgraph": True}) == {
         "fullgraph": True,
@@ -182,3 +200,24 @@ def test_compiled_step_with_onednn_gemms_equals_the_eager_step(pass_, monkeypatc
         eager, _ = eager_step(eager, batch)
     for name in eager.params:
         assert relative_error(compiled.params[name], eager.params[name]) < 1e-5, name
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_a_dynamic_shape_step_keeps_symbolic_gemms_on_aten_and_equals_eager(monkeypatch):
+    """With ``dynamic=True`` the batch size is symbolic: such GEMMs cannot be timed, stay on ATen,
+    and the step still equals the eager one for two batch sizes."""
+    monkeypatch.setattr(_gemm, "onednn_is_faster", lambda *values: True)
+    model, tx = mlp(), ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, regression, tx, compile={"dynamic": True})
+    eager_step = ft.make_train_step(model, regression, tx)
+    g = torch.Generator().manual_seed(2)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        for rows in (16, 24):
+            batch = (torch.randn(rows, 12, generator=g), torch.randn(rows, 4, generator=g))
+            state = ft.TrainState.create(model, tx)
+            (compiled, _), codes = run_and_get_code(step, state, batch)
+            eager, _ = eager_step(state, batch)
+            for name in eager.params:
+                assert relative_error(compiled.params[name], eager.params[name]) < 1e-5, name
+            assert not any("onednn_mm" in code for code in codes)  # every GEMM has the symbolic batch
