@@ -4,8 +4,10 @@ ATen sends a float32 ``mm``/``addmm`` on the CPU to MKL's ``sgemm``, and inducto
 a compiled graph. MKL picks its code path by CPU vendor: on AMD processors it runs its AVX2 kernels
 even where the CPU has AVX-512, while oneDNN (also inside torch, used for bf16 and for inference
 with ``freezing``) dispatches on the CPU's features. On the AMD EPYC this project benchmarks on,
-oneDNN runs each of the MLP benchmark's GEMMs in 0.43-0.62x of MKL's time, and all eight in about
-0.45x (the ``mlp-gemms`` group of ``benchmarks/bench_step.py``).
+oneDNN runs the MLP benchmark's five large GEMMs in 0.43-0.62x of MKL's time, the three with 10
+outputs in 0.63-0.99x, and all eight in 0.50-0.52x (the ``mlp-gemms`` group of
+``benchmarks/bench_step.py``). For tiny GEMMs its fixed cost per call (~18 us against ~3 us) makes
+it slower, and the timing keeps those on MKL.
 
 :data:`GEMM_PASS` is an inductor post-grad pass that times both libraries once per GEMM signature
 (shapes, strides), on the machine compiling the step, and rewrites the GEMMs where oneDNN is
