@@ -123,6 +123,11 @@ def with_fused_apply(tx: GradientTransformation, apply: FusedApplyFn) -> Gradien
     return tx
 
 
+def has_fused_apply(tx: GradientTransformation) -> bool:
+    """Whether ``tx``'s update offers a fused apply (see :func:`with_fused_apply`)."""
+    return getattr(tx.update, _FUSED_APPLY, None) is not None
+
+
 def update_and_apply(
     tx: GradientTransformation, updates: Updates, state: OptState, params: Params
 ) -> tuple[Params, OptState]:

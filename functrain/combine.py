@@ -9,7 +9,15 @@ import torch
 from torch import Tensor
 
 from . import _tree
-from .base import GradientTransformation, OptState, empty_init, register_state
+from .base import (
+    GradientTransformation,
+    OptState,
+    empty_init,
+    has_fused_apply,
+    register_state,
+    update_and_apply,
+    with_fused_apply,
+)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -33,16 +41,29 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(tx.init(params) for tx in transforms)
 
-    def update(updates, state, params=None, **extra):
+    def update_through(txs, updates, state, params, **extra):
         if len(state) != len(transforms):
             raise ValueError(f"chain: state holds {len(state)} entries for {len(transforms)} transforms")
         new_state = []
-        for tx, tx_state in zip(transforms, state):
+        for tx, tx_state in zip(txs, state):
             updates, tx_state = tx.update(updates, tx_state, params, **extra)
             new_state.append(tx_state)
+        return updates, new_state
+
+    def update(updates, state, params=None, **extra):
+        updates, new_state = update_through(transforms, updates, state, params, **extra)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    def apply(updates, state, params):
+        # The last transform applies its own output (e.g. AdamW's fused kernel after clipping).
+        updates, new_state = update_through(transforms[:-1], updates, state, params)
+        params, last_state = update_and_apply(transforms[-1], updates, state[-1], params)
+        return params, (*new_state, last_state)
+
+    chained = GradientTransformation(init, update)
+    if transforms and has_fused_apply(transforms[-1]):
+        return with_fused_apply(chained, apply)
+    return chained
 
 
 def named_chain(

@@ -264,9 +264,10 @@ def make_train_step(
             state's tensors instead of new ones (the returned state holds the same tensors). With
             ``compile``, inductor writes each result straight into its tensor, so a step needs no
             second copy of params and optimiser state: torch.optim's peak memory. Eager, the state
-            is donated to the optimiser: ``adam``/``adamw`` run torch's fused kernel on the params
-            and moments where they lie, as ``torch.optim.AdamW(fused=True)`` does; with other
-            transforms the params get an in-place add and the new state tensors are copied in.
+            is donated to the optimiser: ``adam``/``adamw`` (alone or ending a ``chain``, e.g.
+            after gradient clipping) run torch's fused kernel on the params and moments where they
+            lie, as ``torch.optim.AdamW(fused=True)`` does; with other transforms the params get
+            an in-place add and the new state tensors are copied in.
             The input state is consumed; do not reuse it.
         microbatches: split each batch into this many equal parts along dim 0 and average their
             gradients (gradient accumulation inside one step). For a mean-reduced loss this is the

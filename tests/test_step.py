@@ -10,6 +10,7 @@ from torch import nn
 
 import functrain as ft
 from functrain import _tree
+from functrain.base import has_fused_apply
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -105,6 +106,26 @@ def test_eager_adamw_step_is_torch_fused_adamw_bit_for_bit(inplace):
         data,
     )
     assert_trees_equal(state.params, {k: v.detach() for k, v in params.items()})
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "inplace"])
+def test_eager_clipped_adamw_chain_is_clip_grad_norm_and_torch_fused_adamw(inplace):
+    """``chain(clip_by_global_norm, adamw)`` offers AdamW's fused apply after the clipping: an eager
+    step equals ``clip_grad_norm_`` then ``torch.optim.AdamW(fused=True)``."""
+    model = mlp(batchnorm=False, dtype=torch.float32)
+    tx = ft.chain(ft.clip_by_global_norm(0.5), ft.adamw(lr=1e-2, weight_decay=0.1))
+    assert has_fused_apply(tx)
+    data = batches(6, dtype=torch.float32)
+    step = ft.make_train_step(model, classification, tx, inplace=inplace)
+    state, _ = run_steps(step, snapshot(ft.TrainState.create(model, tx)), data)
+    reference = mlp(batchnorm=False, dtype=torch.float32)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    for batch in data:
+        opt.zero_grad()
+        classification(reference, batch)[0].backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        opt.step()
+    assert_trees_equal(state.params, {k: v.detach() for k, v in reference.named_parameters()})
 
 
 def test_step_is_pure_input_state_and_model_untouched():
