@@ -53,9 +53,9 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def gemm_operands(node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
+def gemm_operands(node: torch.fx.Node) -> tuple[tuple[Any, Any, Any], list[Tensor | None]] | None:
     """``(a, b, bias)`` of a float32 CPU ``mm``/``addmm`` node with static shapes that oneDNN can
-    run as ``a @ b + bias``; ``None`` for any other node."""
+    run as ``a @ b + bias``, with their example values; ``None`` for any other node."""
     if node.op != "call_function":
         return None
     if node.target is aten.mm.default:
@@ -79,7 +79,7 @@ def gemm_operands(node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
         return None  # dynamic shapes: nothing to time
     if va.dim() != 2 or vb.dim() != 2 or 0 in (*va.shape, *vb.shape):
         return None
-    return a, b, bias
+    return (a, b, bias), values
 
 
 def _like(value: Tensor) -> Tensor:
@@ -125,12 +125,10 @@ class FasterGemms(CustomGraphPass):
         if not onednn_available():
             return
         for node in list(graph.nodes):
-            operands = gemm_operands(node)
-            if operands is None:
+            found = gemm_operands(node)
+            if found is None or not onednn_is_faster(*found[1]):
                 continue
-            values = [x.meta["val"] if isinstance(x, torch.fx.Node) else None for x in operands]
-            if not onednn_is_faster(*values):
-                continue
+            operands = found[0]
             with graph.inserting_before(node):
                 replacement = graph.call_function(torch.ops.functrain.onednn_mm.default, operands)
             replacement.meta.update(node.meta)

@@ -308,7 +308,6 @@ def make_train_step(
         raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
     _validate.integer(owner, "microbatches", microbatches, 1)
     forward = _Forward("train step", model, loss_fn, training=True, precision=precision)
-    donate = inplace and compile is False  # compiled in-place steps are written in place by inductor
 
     def loss_for_grad(params, buffers, batch, loss_scale):
         loss, metrics = forward(params, buffers, batch)
@@ -347,7 +346,7 @@ def make_train_step(
             grads = _tree.scale(grads, 1.0 / microbatches)
         if reduce_buffers is not None:
             buffers = reduce_buffers(buffers)
-        params, opt_state = _optimiser_step(tx, grads, state, donate)
+        params, opt_state = _optimiser_step(tx, grads, state, donate=inplace)
         new = TrainState(params, buffers, opt_state, state.step + 1)
         if inplace:
             new = _write_into(state, new)
@@ -455,10 +454,10 @@ def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
     themselves (``None`` turns it off) or compiles with another backend.
 
     ``torch.compile`` takes a ``mode`` or ``options``, not both, so a ``mode`` becomes the inductor
-    options it stands for (given both, the options are left for ``torch.compile`` to refuse).
+    options it stands for.
     """
     if options.get("backend", "inductor") != "inductor" or ("mode" in options and "options" in options):
-        return options
+        return options  # (given both, the options are left for torch.compile to refuse)
     # Imported here: importing inductor takes over a second, which only a compiled step should pay.
     from torch._inductor import list_mode_options
 
@@ -466,9 +465,7 @@ def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
 
     options = dict(options)
     mode = options.pop("mode", None)
-    inductor = dict(options.get("options") or {})
-    if mode is not None:
-        inductor = list_mode_options(mode, options.get("dynamic"))
+    inductor = dict(list_mode_options(mode, options.get("dynamic")) if mode else options.get("options") or {})
     inductor.setdefault("post_grad_custom_post_pass", GEMM_PASS)
     return {**options, "options": inductor}
 
