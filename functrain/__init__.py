@@ -8,7 +8,6 @@ from . import (
     schedules as schedules,
     transforms as transforms,
 )
-from ._donate import keeping_inputs as keeping_inputs
 from ._hoist import hoist as hoist
 from .base import (
     EmptyState as EmptyState,
@@ -21,8 +20,9 @@ from .base import (
     apply_updates as apply_updates,
     identity as identity,
     register_state as register_state,
+    update_and_apply as update_and_apply,
 )
-from .callbacks import Callback as Callback, hyperparams as hyperparams
+from .callbacks import Callback as Callback
 from .checkpoint import (
     latest_checkpoint as latest_checkpoint,
     load_checkpoint as load_checkpoint,
@@ -80,6 +80,7 @@ from .wrappers import (
     apply_if_finite as apply_if_finite,
     ema_params as ema_params,
     ema_params_of as ema_params_of,
+    hyperparams as hyperparams,
     inject_hyperparams as inject_hyperparams,
     lookahead as lookahead,
     set_hyperparams as set_hyperparams,
@@ -127,7 +128,6 @@ __all__ = [
     "hyperparams",
     "identity",
     "inject_hyperparams",
-    "keeping_inputs",
     "lamb",
     "lars",
     "latest_checkpoint",
@@ -161,4 +161,5 @@ __all__ = [
     "stack_states",
     "transforms",
     "unstack_states",
+    "update_and_apply",
 ]

@@ -52,6 +52,20 @@ def check_same_structure(a: Tree, b: Tree, name_a: str = "first", name_b: str = 
         raise TreeMismatchError(f"{name_a} and {name_b} have different structures; {first_difference(a, b)}")
 
 
+def check_same_shapes(a: Tree, b: Tree, name_a: str = "first", name_b: str = "second") -> None:
+    """:func:`check_same_structure`, and each pair of leaves of one shape: raises
+    :class:`TreeMismatchError` naming the first key where they differ. Runs before a fused or
+    multi-tensor kernel, which reads and writes by its inputs' sizes and must never see a mismatch."""
+    check_same_structure(a, b, name_a, name_b)
+    paths, _ = pytree.tree_flatten_with_path(a)
+    for (path, x), y in zip(paths, pytree.tree_leaves(b)):
+        if isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape != y.shape:
+            raise TreeMismatchError(
+                f"{name_a} and {name_b} differ in shape at {pytree.keystr(path) or '<root>'}: "
+                f"{tuple(x.shape)} vs {tuple(y.shape)}"
+            )
+
+
 def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - tree.map reads well
     """``fn`` applied leaf by leaf over trees of one structure (checked, with the first differing key)."""
     flat, spec = pytree.tree_flatten(tree)
@@ -78,14 +92,29 @@ def structure(tree: Tree) -> pytree.TreeSpec:
     return pytree.tree_structure(tree)
 
 
+# ----------------------------------------------------------------------------- are we tracing?
+
+
+def tracing() -> bool:
+    """Whether this code is being traced: under ``torch.compile``, or inside a ``torch.func``
+    transform (vmap, grad, jvp). There, the per-leaf reference form runs, Python-side caches are
+    skipped (the code runs once, at trace time) and no tensor value is read on the host.
+
+    The functorch test reads a private API; if a torch release drops it, every call counts as
+    traced: the reference paths, always right, only slower.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
 # ----------------------------------------------------------------------------- the multi-tensor path
 
 
 def fast_path_ok(tree_leaves: Sequence[Tensor]) -> bool:
     """Whether the ``torch._foreach_*`` path may run: plain eager mode, nothing to differentiate."""
-    if not tree_leaves or torch.compiler.is_compiling():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / grad / jvp
+    if not tree_leaves or tracing():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tree_leaves))
 
@@ -279,12 +308,55 @@ def device_dtype_groups(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     """``tensors`` grouped by (device, dtype), groups in the order torch's multi-tensor code uses
     (so a reduction over the groups adds in the same order as ``torch.nn.utils``); under
     ``torch.compile`` or a functorch transform, in order of first appearance."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if tracing():
         groups: dict[tuple, list[Tensor]] = {}
         for t in tensors:
             groups.setdefault((t.device, t.dtype), []).append(t)
         return list(groups.values())
     return [lists[0] for lists, _ in _group_tensors_by_device_and_dtype([list(tensors)]).values()]
+
+
+# ----------------------------------------------------------------------------- walking optimiser states
+
+
+def _children(node: Any) -> list[tuple[str, Any]]:
+    """``(key, child)`` of a state node: a NamedTuple's fields, a tuple's or list's items, a dict's values."""
+    if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+        return [(field, getattr(node, field)) for field in node._fields]
+    if isinstance(node, (tuple, list)):
+        return [(str(i), child) for i, child in enumerate(node)]
+    if isinstance(node, dict):
+        return [(str(key), child) for key, child in node.items()]
+    return []
+
+
+def state_nodes(state: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every node of an optimiser state with its dotted path (``"1.inner_state.mu"``), depth first,
+    each node before its children: the one walk that finds a wrapper's state at any depth."""
+    found = [(path, state)]
+    for key, child in _children(state):
+        found.extend(state_nodes(child, f"{path}.{key}" if path else key))
+    return found
+
+
+def find_states(state: Any, cls: type) -> list[Any]:
+    """Every ``cls`` instance inside ``state`` (chain tuples, NamedTuple states, partition's dicts), outermost first."""
+    return [node for _, node in state_nodes(state) if isinstance(node, cls)]
+
+
+def replace_node(tree: Any, old: Any, new: Any) -> Any:
+    """``tree`` with the node ``old`` (found by identity) replaced by ``new``; containers off its path are shared."""
+    if tree is old:
+        return new
+    if isinstance(tree, dict):
+        children = {k: replace_node(v, old, new) for k, v in tree.items()}
+        return tree if all(children[k] is tree[k] for k in tree) else type(tree)(children)
+    if isinstance(tree, (tuple, list)):
+        children = [replace_node(v, old, new) for v in tree]
+        if all(c is v for c, v in zip(children, tree)):
+            return tree
+        return type(tree)(*children) if hasattr(tree, "_fields") else type(tree)(children)
+    return tree
 
 
 # ----------------------------------------------------------------------------- selecting whole trees

@@ -10,8 +10,9 @@ import math
 import numbers
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from . import _tree
 
 
 def _readable(value: Tensor) -> bool:
@@ -21,11 +22,7 @@ def _readable(value: Tensor) -> bool:
     read there would synchronise a GPU, or break a compiled graph, so those values pass unchecked
     (their initial values were checked when the wrapper was built).
     """
-    return (
-        value.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is None
-    )
+    return value.device.type == "cpu" and not _tree.tracing()
 
 
 def _number(value: Any) -> float | None:

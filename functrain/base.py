@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from . import _tree
-from ._donate import is_donated
 from ._hoist import hoist
 
 Params = Any
@@ -41,16 +40,37 @@ class TransformUpdateFn(Protocol):
     ) -> tuple[Updates, OptState]: ...
 
 
+class UpdateAndApplyFn(Protocol):
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params, *, donate: bool = False, **extra: Any
+    ) -> tuple[Params, OptState]: ...
+
+
 class GradientTransformation(NamedTuple):
     """A pure optimiser building block: ``init(params) -> state`` and
-    ``update(updates, state, params=None, **extra) -> (updates, state)``.
+    ``update(updates, state, params=None, **extra) -> (updates, state)``, and optionally a declared
+    fast path ``update_and_apply(updates, state, params, *, donate=False, **extra) -> (params, state)``.
 
-    ``extra`` carries keyword arguments that some transforms read (e.g. ``value=loss`` for
-    ``reduce_on_plateau``); every transform accepts and ignores the ones it does not use.
+    ``extra`` carries keyword arguments that some transforms read; every transform accepts and
+    ignores the ones it does not use. A training step (``make_train_step``) supplies:
+
+    - ``value``: the loss at ``params``, a 0-d tensor (``reduce_on_plateau`` reads it);
+    - ``value_fn``: ``value_fn(params) -> (loss, grads)``, the loss and its gradient on the same
+      batch at other parameters (for line searches and sharpness-aware methods).
+
+    ``update_and_apply`` is the update added to the parameters in one pass (torch's fused AdamW
+    kernel steps the parameters without an update buffer). ``None`` (the default) means
+    ``update`` then :func:`apply_updates`, which is always the reference that a fast path must
+    equal. With ``donate=True`` the caller gives up ``params`` and ``state`` (an eager in-place
+    step overwrites them with the result anyway), and the function may write the result into
+    their tensors; with ``donate=False`` it must leave its inputs as they were. Combinators and
+    wrappers pass a fast path on where they can and set ``None`` where they cannot. Call it
+    through :func:`update_and_apply`, which supplies the reference when the field is ``None``.
     """
 
     init: TransformInitFn
     update: TransformUpdateFn
+    update_and_apply: UpdateAndApplyFn | None = None
 
 
 _S = TypeVar("_S", bound=type)
@@ -98,50 +118,45 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
     The inputs are left untouched. ``updates`` must have the same tree structure as ``params``.
     """
-    _tree.check_same_structure(params, updates, "params", "updates")
+    _tree.check_same_shapes(params, updates, "params", "updates")
     return _tree.add(params, updates)
 
 
-# The attribute of an ``update`` function holding its fused apply (see `with_fused_apply`).
-_FUSED_APPLY = "fused_apply"
-
-FusedApplyFn = Callable[..., Any]  # (updates, state, params) -> (params, state) or None
-
-
-def with_fused_apply(tx: GradientTransformation, apply: FusedApplyFn) -> GradientTransformation:
-    """``tx`` whose update offers ``apply(updates, state, params) -> (new_params, new_state)``: the
-    update added to the parameters by one kernel (torch's fused Adam does it in a single pass over
-    memory, with no update buffer), or ``None`` where that kernel cannot run.
-
-    A training step uses it through :func:`update_and_apply`. ``apply`` must equal
-    ``apply_updates(params, tx.update(updates, state, params)[0])`` up to float rounding, and in a
-    donated step (see ``functrain._donate``) it writes into ``params`` and ``state`` themselves.
-    The offer lives on the ``update`` function, so the pair stays an ``(init, update)`` NamedTuple;
-    any wrapper around ``tx`` builds a new update without it and so takes the general path.
-    """
-    setattr(tx.update, _FUSED_APPLY, apply)
-    return tx
-
-
-def has_fused_apply(tx: GradientTransformation) -> bool:
-    """Whether ``tx``'s update offers a fused apply (see :func:`with_fused_apply`)."""
-    return getattr(tx.update, _FUSED_APPLY, None) is not None
-
-
 def update_and_apply(
-    tx: GradientTransformation, updates: Updates, state: OptState, params: Params
+    tx: GradientTransformation,
+    updates: Updates,
+    state: OptState,
+    params: Params,
+    *,
+    donate: bool = False,
+    **extra: Any,
 ) -> tuple[Params, OptState]:
     """One optimiser step: the new parameters and state.
 
-    ``tx``'s fused apply where it offers one and can run, else ``tx.update`` then
-    :func:`apply_updates`. In a donated step the parameters are updated where they lie.
+    ``tx.update_and_apply`` where ``tx`` declares one, else the reference: ``tx.update`` then
+    :func:`apply_updates` (into the parameters themselves when ``donate``). With ``donate=True``
+    the caller gives up ``params`` and ``state``: the result may live in their tensors.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = ft.adamw(lr=0.1, weight_decay=0.5)
+        >>> new_params, state = ft.update_and_apply(tx, {"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> new_params["w"], params["w"]  # pure: the input is left as it was
+        (tensor([ 0.8500, -1.8000]), tensor([ 1., -2.]))
     """
-    apply = getattr(tx.update, _FUSED_APPLY, None)
-    applied = apply(updates, state, params) if apply is not None else None
-    if applied is not None:
-        return applied
-    updates, state = tx.update(updates, state, params)
-    return (_tree.add_ if is_donated() else _tree.add)(params, updates), state
+    if tx.update_and_apply is not None:
+        return tx.update_and_apply(updates, state, params, donate=donate, **extra)
+    updates, state = tx.update(updates, state, params, **extra)
+    return apply_updates_to(params, updates, donate=donate), state
+
+
+def apply_updates_to(params: Params, updates: Updates, *, donate: bool) -> Params:
+    """:func:`apply_updates`, or with ``donate`` the same sums written into ``params``' own tensors."""
+    if not donate:
+        return apply_updates(params, updates)
+    _tree.check_same_shapes(params, updates, "params", "updates")
+    return _tree.add_(params, updates)
 
 
 def value_at(hyperparameter: Hyperparameter, count: Tensor) -> float | Tensor:

@@ -10,8 +10,7 @@ values reach callbacks in ``on_log`` / ``on_eval_end``, already read back by the
 
 Built-ins: :class:`ProgressBar` (tqdm), :class:`TensorBoard`, :class:`JSONLogger`,
 :class:`Checkpoint` (periodic and best, keeping the last K), :class:`EarlyStopping`,
-:class:`StopOnNonFinite`. :func:`hyperparams` reads the hyperparameters injected with
-:func:`~functrain.inject_hyperparams` (the loop logs them); :func:`~functrain.set_hyperparams` changes them.
+:class:`StopOnNonFinite`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from . import _tree, _validate, distributed
-from .wrappers._inject import InjectHyperparamsState
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -74,49 +72,6 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
-
-
-# ----------------------------------------------------------------------------- injected hyperparameters
-
-
-def _injected(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[str, InjectHyperparamsState]]:
-    """Every :class:`InjectHyperparamsState` in ``tree`` with its dotted path, outermost first."""
-    if isinstance(tree, InjectHyperparamsState):
-        return [(".".join(path), tree), *_injected(tree.inner_state, (*path, "inner_state"))]
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        items = [(f, getattr(tree, f)) for f in tree._fields]
-    elif isinstance(tree, dict):
-        items = list(tree.items())
-    elif isinstance(tree, (tuple, list)):
-        items = list(enumerate(tree))
-    else:
-        return []
-    return [found for key, child in items for found in _injected(child, (*path, str(key)))]
-
-
-def hyperparams(state: Any) -> dict[str, Tensor]:
-    """The injected hyperparameters in ``state`` (no host sync): ``{"lr": tensor, ...}``.
-
-    Names are the keyword names given to :func:`~functrain.inject_hyperparams` (``"betas.0"`` for a
-    tuple's items); when the state holds several injected optimisers (a GAN's two states), each
-    name is prefixed with the dotted path to its optimiser state (``"0.opt_state.lr"``).
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.inject_hyperparams(ft.adam)(lr=1e-3))
-        >>> {k: float(v) for k, v in ft.hyperparams(state).items()}
-        {'lr': 0.001, 'betas.0': 0.9, 'betas.1': 0.999, 'eps': 1e-08}
-    """
-    found = _injected(state)
-    out: dict[str, Tensor] = {}
-    for path, inject_state in found:
-        prefix = f"{path}." if len(found) > 1 else ""
-        for name, value in inject_state.hyperparams.items():
-            if isinstance(value, tuple):
-                out.update({f"{prefix}{name}.{i}": v for i, v in enumerate(value) if isinstance(v, Tensor)})
-            elif isinstance(value, Tensor):
-                out[prefix + name] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- monitoring a metric

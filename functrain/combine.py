@@ -9,15 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _tree
-from .base import (
-    GradientTransformation,
-    OptState,
-    empty_init,
-    has_fused_apply,
-    register_state,
-    update_and_apply,
-    with_fused_apply,
-)
+from .base import GradientTransformation, OptState, apply_updates_to, empty_init, register_state, update_and_apply
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -41,29 +33,33 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(tx.init(params) for tx in transforms)
 
-    def update_through(txs, updates, state, params, **extra):
-        if len(state) != len(transforms):
-            raise ValueError(f"chain: state holds {len(state)} entries for {len(transforms)} transforms")
-        new_state = []
-        for tx, tx_state in zip(txs, state):
-            updates, tx_state = tx.update(updates, tx_state, params, **extra)
-            new_state.append(tx_state)
-        return updates, new_state
+    def check(state):
+        if not isinstance(state, (tuple, list)) or len(state) != len(transforms):
+            given = f"{len(state)} entries" if isinstance(state, (tuple, list)) else type(state).__name__
+            raise ValueError(f"chain: state holds {given} for {len(transforms)} transforms")
 
     def update(updates, state, params=None, **extra):
-        updates, new_state = update_through(transforms, updates, state, params, **extra)
-        return updates, tuple(new_state)
+        check(state)
+        return _update_through(transforms, updates, state, params, extra)
 
-    def apply(updates, state, params):
-        # The last transform applies its own output (e.g. AdamW's fused kernel after clipping).
-        updates, new_state = update_through(transforms[:-1], updates, state, params)
-        params, last_state = update_and_apply(transforms[-1], updates, state[-1], params)
-        return params, (*new_state, last_state)
+    def update_and_apply_last(updates, state, params, *, donate=False, **extra):
+        # The head's updates, then the last transform's own fast path (AdamW's fused kernel after clipping).
+        check(state)
+        updates, head = _update_through(transforms[:-1], updates, state[:-1], params, extra)
+        params, last = update_and_apply(transforms[-1], updates, state[-1], params, donate=donate, **extra)
+        return params, (*head, last)
 
-    chained = GradientTransformation(init, update)
-    if transforms and has_fused_apply(transforms[-1]):
-        return with_fused_apply(chained, apply)
-    return chained
+    offered = bool(transforms) and transforms[-1].update_and_apply is not None
+    return GradientTransformation(init, update, update_and_apply_last if offered else None)
+
+
+def _update_through(transforms, updates, states, params, extra) -> tuple[Any, tuple]:
+    """``updates`` through each transform in turn: the last updates, and the tuple of new states."""
+    new_states = []
+    for tx, state in zip(transforms, states):
+        updates, state = tx.update(updates, state, params, **extra)
+        new_states.append(state)
+    return updates, tuple(new_states)
 
 
 def named_chain(
@@ -112,7 +108,7 @@ def named_chain(
     def init(params):
         return {name: tx.init(params) for name, tx in named.items()}
 
-    def update(updates, state, params=None, **extra):
+    def check(state):
         if not isinstance(state, dict) or state.keys() != named.keys():
             given = list(state) if isinstance(state, dict) else type(state).__name__
             missing = [name for name in named if not isinstance(state, dict) or name not in state]
@@ -121,12 +117,23 @@ def named_chain(
                 f"named_chain: the state does not match the transforms: missing {missing}, unexpected "
                 f"{unexpected} (state holds {given}; transforms are {list(named)})"
             )
-        new_state = {}
-        for name, tx in named.items():
-            updates, new_state[name] = tx.update(updates, state[name], params, **extra)
-        return updates, new_state
 
-    return GradientTransformation(init, update)
+    def update(updates, state, params=None, **extra):
+        check(state)
+        updates, new_states = _update_through(named.values(), updates, [state[name] for name in named], params, extra)
+        return updates, dict(zip(named, new_states))
+
+    def update_and_apply_last(updates, state, params, *, donate=False, **extra):
+        check(state)
+        *head, last = named
+        updates, new_states = _update_through(
+            [named[name] for name in head], updates, [state[name] for name in head], params, extra
+        )
+        params, last_state = update_and_apply(named[last], updates, state[last], params, donate=donate, **extra)
+        return params, {**dict(zip(head, new_states)), last: last_state}
+
+    offered = bool(named) and list(named.values())[-1].update_and_apply is not None
+    return GradientTransformation(init, update, update_and_apply_last if offered else None)
 
 
 @register_state
@@ -150,7 +157,7 @@ class _PerSignature:
         self.entries: dict[Any, Any] = {}
 
     def __call__(self, tree: Any) -> Any:
-        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if _tree.tracing():
             return self.compute(tree)
         flat, spec = _tree.flatten(tree)
         key = (spec, tuple((t.shape, t.dtype, t.device) if isinstance(t, Tensor) else type(t) for t in flat))
@@ -231,7 +238,21 @@ def partition(transforms: dict[Hashable, GradientTransformation], labels: Labels
             )
         return _tree.ungroup(new_updates, assigned, updates), PartitionState(new_states)
 
-    return GradientTransformation(init, update)
+    def update_and_apply_groups(updates, state, params, *, donate=False, **extra):
+        # Each group through its own transform's fast path (or reference): per-group settings, one pass each.
+        _tree.check_same_structure(updates, params, "partition: updates", "params")
+        assigned = label_of_each(params)
+        grouped_updates = _tree.group_by_label(updates, assigned, transforms)
+        grouped_params = _tree.group_by_label(params, assigned, transforms)
+        new_states, new_params = {}, {}
+        for label, tx in transforms.items():
+            new_params[label], new_states[label] = update_and_apply(
+                tx, grouped_updates[label], state.inner_states[label], grouped_params[label], donate=donate, **extra
+            )
+        return _tree.ungroup(new_params, assigned, params), PartitionState(new_states)
+
+    offered = any(tx.update_and_apply is not None for tx in transforms.values())
+    return GradientTransformation(init, update, update_and_apply_groups if offered else None)
 
 
 def set_to_zero() -> GradientTransformation:
@@ -305,7 +326,20 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         groups[True], inner_state = inner.update(groups[True], state.inner_state, selected_params, **extra)
         return _tree.ungroup(groups, assigned, updates), MaskedState(inner_state)
 
-    return GradientTransformation(init, update)
+    def update_and_apply_selected(updates, state, params, *, donate=False, **extra):
+        # The selected leaves through inner's fast path; the others' updates are added unchanged.
+        _tree.check_same_structure(updates, params, "masked: updates", "params")
+        assigned = mask_of_each(params)
+        grouped_updates = _tree.group_by_label(updates, assigned, (True, False))
+        grouped_params = _tree.group_by_label(params, assigned, (True, False))
+        selected, inner_state = update_and_apply(
+            inner, grouped_updates[True], state.inner_state, grouped_params[True], donate=donate, **extra
+        )
+        others = apply_updates_to(grouped_params[False], grouped_updates[False], donate=donate)
+        return _tree.ungroup({True: selected, False: others}, assigned, params), MaskedState(inner_state)
+
+    offered = inner.update_and_apply is not None
+    return GradientTransformation(init, update, update_and_apply_selected if offered else None)
 
 
 def freeze(mask: Mask) -> GradientTransformation:

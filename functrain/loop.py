@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from . import _tree, _validate, distributed
-from .callbacks import Callback, Checkpoint, ProgressBar, StopOnNonFinite, hyperparams
+from .callbacks import Callback, Checkpoint, ProgressBar, StopOnNonFinite
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .wrappers import hyperparams
 
 History = dict[str, list[dict[str, Any]]]
 

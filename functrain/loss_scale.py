@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from . import _tree, _validate
-from ._donate import keeping_inputs
 from .base import GradientTransformation, OptState, register_state, step_count
 
 
@@ -79,7 +78,7 @@ def dynamic_loss_scale(
         # A float32 multiplier: fp16 gradients keep their dtype but are unscaled in float32 maths,
         # as GradScaler's kernel does (1/S itself underflows in fp16 for S >= 2**25).
         grads = _tree.map(lambda g: g * inv_scale.to(g.device), updates)
-        inner_updates, inner_state = keeping_inputs(tx.update, grads, state.inner_state, params, **extra)
+        inner_updates, inner_state = tx.update(grads, state.inner_state, params, **extra)
         # The inner updates are checked too: in data-parallel training an overflow on another rank
         # reaches this rank through the gradient all-reduce, and every rank must skip that step.
         finite = _tree.all_finite(grads) & _tree.all_finite(inner_updates)
@@ -97,4 +96,6 @@ def dynamic_loss_scale(
         new_tracker = torch.where(finite & ~grow, clean, torch.zeros_like(tracker))
         return new_scale, new_tracker
 
-    return GradientTransformation(init, update)
+    # Declined: an overflowing step is skipped after the inner update is computed; a pass that wrote
+    # the parameters (and moments) first could not keep the old ones.
+    return GradientTransformation(init, update, update_and_apply=None)

@@ -29,10 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _tree, _validate
-from ._donate import donated
 from .base import GradientTransformation, OptState, Params, register_state, step_count, update_and_apply
 from .loss_scale import LossScaleState
-from .wrappers._common import find_states
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
@@ -257,18 +255,23 @@ def make_train_step(
         tx: the gradient transformation (an optimiser, or any composition).
         compile: ``True``, or a dict of ``torch.compile`` options (e.g. ``{"mode": "max-autotune"}``),
             compiles the whole step with ``fullgraph=True``: one graph. Hyperparameters and
-            schedules are tensors in the state, so moving them never recompiles. On the CPU, each
-            float32 GEMM runs on the faster of MKL and oneDNN for its shape, timed at compile time
-            (``{"options": {"post_grad_custom_post_pass": None}}`` keeps them all on ATen's MKL).
+            schedules are tensors in the state, so moving them never recompiles. GEMMs run on
+            ATen's kernels (MKL on the CPU) and no choice is timed, so the numbers are bitwise the
+            same across processes and with empty compile caches (``"mode": "max-autotune"`` times
+            kernels: an opt-in). The functrain key ``"cpu_gemm": "fastest"`` (default ``"aten"``)
+            also opts in to timing: each float32 CPU GEMM runs on the faster of MKL and oneDNN for
+            its shape, measured at compile time. Its numbers then depend on those timings: two cold
+            compiles (a resume in a new process) may differ at float32 rounding.
         inplace: write the new params, buffers, optimiser state and step count into the input
             state's tensors instead of new ones (the returned state holds the same tensors). With
             ``compile``, inductor writes each result straight into its tensor, so a step needs no
             second copy of params and optimiser state: torch.optim's peak memory. Eager, the state
-            is donated to the optimiser: ``adam``/``adamw`` (alone or ending a ``chain``, e.g.
-            after gradient clipping) run torch's fused kernel on the params and moments where they
-            lie, as ``torch.optim.AdamW(fused=True)`` does; with other transforms the params get
-            an in-place add and the new state tensors are copied in.
-            The input state is consumed; do not reuse it.
+            is donated: ``tx``'s declared fast path runs with ``donate=True`` (see
+            :func:`functrain.update_and_apply`), so ``adam``/``adamw`` (alone, ending a ``chain``
+            or ``named_chain``, in a ``partition`` group or under ``masked``) run torch's fused
+            kernel on the params and moments where they lie, as ``torch.optim.AdamW(fused=True)``
+            does; with other transforms the params get an in-place add and the new state tensors
+            are copied in. The input state is consumed; do not reuse it.
         microbatches: split each batch into this many equal parts along dim 0 and average their
             gradients (gradient accumulation inside one step). For a mean-reduced loss this is the
             full-batch gradient, in ``1/microbatches`` of the activation memory. BatchNorm sees
@@ -279,6 +282,11 @@ def make_train_step(
         reduce_buffers: applied to the new buffers at the end of each step; in data-parallel
             training, ``ft.distributed.mean_over_ranks`` keeps BatchNorm statistics identical on
             every rank (without it each rank keeps its own shard's statistics).
+
+    The step calls ``tx`` with the extra arguments ``value`` (the loss, a 0-d tensor, averaged
+    over microbatches) and ``value_fn`` (``value_fn(params) -> (loss, grads)``: the loss on the same
+    batch and its gradient at other parameters, without loss scaling, BatchNorm's statistic updates
+    dropped), so ``reduce_on_plateau`` and line-search or sharpness-aware transforms run inside it.
 
     Returns:
         ``step(state, batch) -> (state, metrics)``, where ``metrics`` holds 0-d tensors on the
@@ -330,27 +338,45 @@ def make_train_step(
         metrics = {k: v.detach() for k, v in metrics.items()}
         return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
 
+    def gradients(params, buffers, batch, loss_scale):
+        """The gradient (of the scaled loss), the mean loss and each microbatch's metrics at ``params``."""
+        grads, losses, metrics = None, [], []
+        for part in _microbatches("train step", batch, microbatches):
+            part_grads, (_, (loss, part_metrics)) = grad_and_loss(params, buffers, part, loss_scale)
+            grads = part_grads if grads is None else _tree.add(grads, part_grads)
+            losses.append(loss)
+            metrics.append(part_metrics)
+        if microbatches > 1:
+            grads = _tree.scale(grads, 1.0 / microbatches)
+        return grads, _mean(losses), metrics
+
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         _check_state("train step", forward.expected, state)
         loss_scale = _loss_scale_of(state.opt_state, precision)
         # functional_call lets BatchNorm write its running statistics into the buffers it is
         # given; a pure step hands it copies, an in-place step the state's own tensors.
         buffers = state.buffers if inplace else {k: b.clone() for k, b in state.buffers.items()}
-        grads, losses, metrics = None, [], []
-        for part in _microbatches("train step", batch, microbatches):
-            part_grads, (_, (loss, part_metrics)) = grad_and_loss(state.params, buffers, part, loss_scale)
-            grads = part_grads if grads is None else _tree.add(grads, part_grads)
-            losses.append(loss)
-            metrics.append(part_metrics)
-        if microbatches > 1:
-            grads = _tree.scale(grads, 1.0 / microbatches)
+        grads, loss, metrics = gradients(state.params, buffers, batch, loss_scale)
         if reduce_buffers is not None:
             buffers = reduce_buffers(buffers)
-        params, opt_state = _optimiser_step(tx, grads, state, donate=inplace)
+
+        def value_fn(params: Params) -> tuple[Tensor, Params]:
+            """The loss on this batch and its gradient at other ``params`` (a line search's or SAM's
+            second evaluation): unscaled, and on copies of the buffers, whose updates are dropped."""
+            other_grads, other_loss, _ = gradients(params, {k: b.clone() for k, b in buffers.items()}, batch, None)
+            return other_loss, other_grads
+
+        # An eager in-place step gives its state up to the optimiser (it is overwritten with the
+        # result anyway); a compiled one never does: inductor writes in place by itself, and the
+        # branch is on Python bools, so nothing is traced for it.
+        donate = inplace and not torch.compiler.is_compiling()
+        params, opt_state = update_and_apply(
+            tx, grads, state.opt_state, state.params, donate=donate, value=loss, value_fn=value_fn
+        )
         new = TrainState(params, buffers, opt_state, state.step + 1)
         if inplace:
             new = _write_into(state, new)
-        out = {"loss": _mean(losses), **{k: _mean([m[k] for m in metrics]).detach() for k in metrics[0]}}
+        out = {"loss": loss, **{k: _mean([m[k] for m in metrics]).detach() for k in metrics[0]}}
         if loss_scale is not None:
             out["loss_scale"] = loss_scale
         return new, out
@@ -403,7 +429,7 @@ def _check_step_args(owner: str, model: Any, loss_fn: Any, compile: Any, precisi
 
 def _loss_scale_of(opt_state: OptState, precision: str | None) -> Tensor | None:
     """The current loss scale when the optimiser holds a ``dynamic_loss_scale`` (at any depth)."""
-    found = find_states(opt_state, LossScaleState)
+    found = _tree.find_states(opt_state, LossScaleState)
     if len(found) > 1:
         raise ValueError(f"train step: the optimiser holds {len(found)} dynamic_loss_scale wrappers; use one")
     if found:
@@ -414,20 +440,6 @@ def _loss_scale_of(opt_state: OptState, precision: str | None) -> Tensor | None:
             "state and the step with tx = ft.dynamic_loss_scale(your_optimiser)"
         )
     return None
-
-
-def _optimiser_step(
-    tx: GradientTransformation, grads: Params, state: TrainState, donate: bool
-) -> tuple[Params, OptState]:
-    """The new params and optimiser state. A donated state (an eager in-place step consumes its
-    input) is updated where it lies. The branch is on Python bools, so a compiled step traces no
-    context manager: neither one built with ``compile`` nor an eager one that the caller wraps in
-    ``torch.compile`` (e.g. ``torch.compile(torch.func.vmap(step))``), where inductor does the
-    writing in place."""
-    if not donate or torch.compiler.is_compiling():
-        return update_and_apply(tx, grads, state.opt_state, state.params)
-    with donated():
-        return update_and_apply(tx, grads, state.opt_state, state.params)
 
 
 def _write_into(old: TrainState, new: TrainState) -> TrainState:
@@ -449,21 +461,29 @@ def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
 
 
 def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with inductor's post-grad pass set to :data:`functrain._gemm.GEMM_PASS` (each
-    float32 CPU GEMM on the faster of ATen's BLAS and oneDNN), unless the caller set that pass
-    themselves (``None`` turns it off) or compiles with another backend.
+    """``options`` for ``torch.compile``, less functrain's own key ``cpu_gemm``.
 
-    ``torch.compile`` takes a ``mode`` or ``options``, not both, so a ``mode`` becomes the inductor
-    options it stands for.
+    ``cpu_gemm="aten"`` (the default) leaves every GEMM on ATen: no timing, so the compiled step's
+    numbers are the same in every process (DESIGN.md 2a). ``cpu_gemm="fastest"`` sets inductor's
+    post-grad pass to :data:`functrain._gemm.GEMM_PASS` (each float32 CPU GEMM on the faster of
+    ATen's BLAS and oneDNN, timed while compiling), unless the caller set that pass themselves or
+    compiles with another backend. ``torch.compile`` takes a ``mode`` or ``options``, not both, so
+    then a ``mode`` becomes the inductor options it stands for.
     """
-    if options.get("backend", "inductor") != "inductor" or ("mode" in options and "options" in options):
+    options = dict(options)
+    cpu_gemm = options.pop("cpu_gemm", "aten")
+    allowed = ("aten", "fastest")
+    if not isinstance(cpu_gemm, str) or cpu_gemm not in allowed:
+        raise ValueError(f"compile['cpu_gemm'] must be one of {allowed}, got {cpu_gemm!r}")
+    if cpu_gemm == "aten" or options.get("backend", "inductor") != "inductor":
+        return options
+    if "mode" in options and "options" in options:
         return options  # (given both, the options are left for torch.compile to refuse)
     # Imported here: importing inductor takes over a second, which only a compiled step should pay.
     from torch._inductor import list_mode_options
 
     from ._gemm import GEMM_PASS
 
-    options = dict(options)
     mode = options.pop("mode", None)
     inductor = dict(list_mode_options(mode, options.get("dynamic")) if mode else options.get("options") or {})
     inductor.setdefault("post_grad_custom_post_pass", GEMM_PASS)

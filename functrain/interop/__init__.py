@@ -33,3 +33,10 @@ from ._convert import (
     load_into_torch as load_into_torch,
     opt_state_from_torch as opt_state_from_torch,
 )
+
+__all__ = [
+    "TorchOptimizer",
+    "from_torch_optimizer",
+    "load_into_torch",
+    "opt_state_from_torch",
+]

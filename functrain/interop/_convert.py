@@ -12,8 +12,7 @@ from torch import Tensor
 from .. import _tree, optimisers
 from ..base import EmptyState, GradientTransformation, OptState, Params
 from ..combine import MaskedState, PartitionState, partition
-from ..wrappers import InjectHyperparamsState
-from ..wrappers._inject import is_hyperparameter
+from ..wrappers import InjectHyperparamsState, is_hyperparameter, signature_of
 from ._tables import _DERIVED, _Field, _Mirror, _mirror_of, _scalar_dtype, _torch_name
 
 # ----------------------------------------------------------------------------- parameters and groups
@@ -72,7 +71,7 @@ def _plain(param: inspect.Parameter, value: Any) -> Any:
 
 
 def _factory_kwargs(factory: Callable, group: dict) -> dict[str, Any]:
-    parameters = inspect.signature(factory).parameters
+    parameters = signature_of(factory).parameters
     return {name: _plain(param, group[name]) for name, param in parameters.items() if name in group}
 
 

@@ -9,15 +9,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..optimisers._asgd import AsgdStepSizeState
-from ..transforms._adam import ScaleByAdamState, ScaleByAmsgradState
-from ..transforms._adam_variants import ScaleByNadamState, ScaleByRadamState
-from ..transforms._averaging import PolyakAveragingState
-from ..transforms._basic import TraceState
-from ..transforms._factored import ScaleByFactoredRmsState
-from ..transforms._muon import ScaleByMuonState
-from ..transforms._rms import ScaleByAdadeltaState, ScaleByRmsState, ScaleByRssState, ScaleByStddevState
-from ..transforms._rprop import ScaleByRpropState
+from ..optimisers import AsgdStepSizeState
+from ..transforms import (
+    PolyakAveragingState,
+    ScaleByAdadeltaState,
+    ScaleByAdamState,
+    ScaleByAmsgradState,
+    ScaleByFactoredRmsState,
+    ScaleByMuonState,
+    ScaleByNadamState,
+    ScaleByRadamState,
+    ScaleByRmsState,
+    ScaleByRpropState,
+    ScaleByRssState,
+    ScaleByStddevState,
+    TraceState,
+)
 
 
 class _Field(NamedTuple):

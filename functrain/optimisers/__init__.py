@@ -3,7 +3,7 @@
 from ._adafactor import adafactor as adafactor
 from ._adam import adam as adam, adamw as adamw
 from ._adam_variants import adamax as adamax, nadam as nadam, radam as radam
-from ._asgd import asgd as asgd
+from ._asgd import AsgdStepSizeState as AsgdStepSizeState, asgd as asgd
 from ._lion import lion as lion
 from ._muon import muon as muon
 from ._rms import adadelta as adadelta, adagrad as adagrad, rmsprop as rmsprop
@@ -14,3 +14,25 @@ from ._schedule_free import (
 )
 from ._sgd import sgd as sgd
 from ._trust_ratio import lamb as lamb, lars as lars
+
+__all__ = [
+    "AsgdStepSizeState",
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adam",
+    "adamax",
+    "adamw",
+    "asgd",
+    "lamb",
+    "lars",
+    "lion",
+    "muon",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "sgd",
+]

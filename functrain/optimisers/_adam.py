@@ -6,10 +6,8 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from .._donate import is_donated
-from ..base import GradientTransformation, Hyperparameter, with_fused_apply
-from ..transforms import scale_by_adam, scale_by_amsgrad
-from ..transforms._adam import fused_adam_step
+from ..base import GradientTransformation, Hyperparameter, UpdateAndApplyFn, update_and_apply as ft_update_and_apply
+from ..transforms import ScaleByAdamState, ScaleByAmsgradState, scale_by_adam, scale_by_amsgrad
 from ..wrappers import schedulable
 from ._common import descent, nonzero
 
@@ -125,61 +123,68 @@ def _adam(owner, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weig
     )
     if maximize or (nonzero(weight_decay) and not decoupled_weight_decay):
         return tx  # the chain starts with a negation or an L2 term: not the fused kernel's shape
-    return _fused_when_eager(tx, beta1, beta2, eps, lr, weight_decay, amsgrad)
+    if any(isinstance(h, Tensor) for h in (beta1, beta2, eps, lr, weight_decay)):
+        return tx  # the kernel takes float hyperparameters
+    if not hasattr(torch, "_fused_adamw_"):
+        return tx  # a private kernel, which a later torch may drop: steps then take the foreach path
+    return tx._replace(update_and_apply=_fused_update_and_apply(tx, beta1, beta2, eps, lr, weight_decay))
 
 
-def _fused_when_eager(tx: GradientTransformation, b1, b2, eps, lr, weight_decay, amsgrad) -> GradientTransformation:
-    """``tx`` (the chain ``scale_by_adam -> decoupled decay -> -lr``), whose eager update runs the
-    whole chain as one call of torch's fused AdamW kernel per (device, dtype) group, and which
-    offers a fused apply (see ``with_fused_apply``) for training steps.
+def _fused_update_and_apply(tx: GradientTransformation, b1, b2, eps, lr, weight_decay) -> UpdateAndApplyFn:
+    """The declared fast path of ``tx`` (the chain ``scale_by_adam -> decoupled decay -> -lr``): the
+    whole chain and the apply as one call of torch's fused AdamW kernel per (device, dtype) group,
+    stepping the parameters themselves, exactly as ``torch.optim.AdamW(fused=True)`` does. No update
+    buffer is written at all, and one pass over memory replaces the foreach form's eight.
 
-    The update: the chain's own multi-tensor path writes the Adam direction, then the decayed and
-    scaled update, into two new buffers; here the kernel's "parameter" starts at
-    ``-lr * wd * params`` and the kernel subtracts ``lr * direction`` from it in the same pass, so an
-    update allocates only the new moments and the update.
-
-    The apply: the kernel runs on the parameters themselves (a pure step's new copy of them, or a
-    donated step's own tensors), exactly as ``torch.optim.AdamW(fused=True)`` steps, so no update
-    buffer is written at all.
-
-    The state is exactly the chain's. Anything else (tensor hyperparameters, compile, vmap, grad)
-    runs the chain.
+    Pure (``donate=False``), the kernel runs on new copies of the parameters and moments, which a
+    pure step must allocate anyway; donated, on the caller's own tensors. The state is exactly the
+    chain's. Anything the kernel cannot take (compile, vmap, grad, other devices) runs the reference.
     """
-    if any(isinstance(h, Tensor) for h in (b1, b2, eps, lr, weight_decay)):
-        return tx
 
-    def fusable(updates, params) -> bool:
-        leaves = _tree.leaves(updates)
-        return (
-            params is not None
-            and _tree.fast_path_ok(leaves)
-            and _tree.fast_path_ok(_tree.leaves(params))
-            and all(t.device.type in ("cpu", "cuda") for t in leaves)
-        )
-
-    def fused_step(updates, state, params, starts, decay):
-        """The kernel, decaying by ``decay``, on ``starts(ps)`` per group: (the stepped lists, the new state)."""
+    def update_and_apply(updates, state, params, *, donate=False, **extra):
+        if not _kernel_runs(updates, state, params):
+            return ft_update_and_apply(tx, updates, state, params, donate=donate, **extra)  # tx: the reference
         adam_state, *rest = state
+        _tree.check_same_shapes(params, updates, "params", "updates")
+        for name, moment in zip(adam_state._fields[1:], adam_state[1:]):
+            _tree.check_same_shapes(params, moment, "params", f"opt_state[0].{name}")
         count = adam_state.count + 1
 
         def fused(gs, ps, *moments):
-            out = starts(ps)
-            return (out, *fused_adam_step(out, gs, moments, count, lr, b1, b2, eps, decay))
+            ps, *moments = (list(ts) if donate else [t.clone() for t in ts] for ts in (ps, *moments))
+            mu, nu, *nu_max = moments
+            torch._fused_adamw_(
+                ps,
+                gs,
+                mu,
+                nu,
+                nu_max[0] if nu_max else [],
+                [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs),
+                lr=lr,
+                beta1=b1,
+                beta2=b2,
+                weight_decay=weight_decay,
+                eps=eps,
+                amsgrad=bool(nu_max),
+                maximize=False,
+            )
+            return (ps, *moments)
 
-        out, *new_moments = _tree.foreach_map(fused, updates, params, *adam_state[1:])
-        return out, (type(adam_state)(count, *new_moments), *rest)
+        new_params, *moments = _tree.foreach_map(fused, updates, params, *adam_state[1:])
+        return new_params, (type(adam_state)(count, *moments), *rest)
 
-    def update(updates, state, params=None, **extra):
-        if not fusable(updates, params):
-            return tx.update(updates, state, params, **extra)
-        # The kernel's "parameter" starts at the decay term; the kernel then adds -lr * direction.
-        return fused_step(updates, state, params, lambda ps: torch._foreach_mul(ps, -lr * weight_decay), 0.0)
+    return update_and_apply
 
-    def apply(updates, state, params):
-        if not fusable(updates, params):
-            return None
-        # A donated step's params are stepped where they lie, a pure step's in a new copy.
-        own = is_donated()
-        return fused_step(updates, state, params, lambda ps: ps if own else [p.clone() for p in ps], weight_decay)
 
-    return with_fused_apply(GradientTransformation(tx.init, update), apply)
+def _kernel_runs(updates, state, params) -> bool:
+    """Whether the fused kernel can take these trees: plain eager floating-point tensors on the CPU
+    or CUDA (nothing to differentiate, no vmap), and the state of the chain it was declared for."""
+    leaves = _tree.leaves(updates)
+    return (
+        isinstance(state, tuple)
+        and len(state) > 0
+        and isinstance(state[0], (ScaleByAdamState, ScaleByAmsgradState))
+        and _tree.fast_path_ok(leaves)
+        and _tree.fast_path_ok(_tree.leaves(params))
+        and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in leaves)
+    )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from .. import _validate
 from ..base import GradientTransformation, Hyperparameter
-from ..transforms import scale_by_muon
-from ..transforms._muon import ADJUST_LR_FNS, NS_COEFFICIENTS
+from ..transforms import ADJUST_LR_FNS, NS_COEFFICIENTS, scale_by_muon
 from ..wrappers import schedulable
 from ._common import descent
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .. import _tree, _validate
 from ..base import GradientTransformation, Hyperparameter, OptState, Params
 from ..combine import chain
-from ..transforms import add_decayed_weights
-from ..transforms._schedule_free import ScaleByScheduleFreeState, scale_by_bias_corrected_rms, scale_by_schedule_free
+from ..transforms import (
+    ScaleByScheduleFreeState,
+    add_decayed_weights,
+    scale_by_bias_corrected_rms,
+    scale_by_schedule_free,
+)
 from ..wrappers import schedulable
 from ._common import nonzero
 
@@ -101,19 +103,8 @@ def schedule_free_eval_params(params: Params, opt_state: OptState) -> Params:
     inside ``inject_hyperparams``). This is what ``AdamWScheduleFree.eval()`` writes into the
     model's parameters; nothing is modified here, and training continues from ``params``.
     """
-    found = _find_schedule_free_state(opt_state)
+    found = next(iter(_tree.find_states(opt_state, ScaleByScheduleFreeState)), None)
     if found is None:
         raise ValueError("schedule_free_eval_params: opt_state holds no schedule-free state")
     weight = 1 - 1 / found.b1  # the package's lerp weight, 0-d float64
     return _tree.map(lambda y, z: torch.lerp(y, z, weight.to(device=y.device, dtype=y.dtype)), params, found.z)
-
-
-def _find_schedule_free_state(state: Any) -> ScaleByScheduleFreeState | None:
-    if isinstance(state, ScaleByScheduleFreeState):
-        return state
-    children = state.values() if isinstance(state, dict) else state if isinstance(state, (tuple, list)) else ()
-    for child in children:
-        found = _find_schedule_free_state(child)
-        if found is not None:
-            return found
-    return None

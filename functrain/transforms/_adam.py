@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from .._donate import is_donated
 from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 
@@ -55,7 +54,7 @@ def scale_by_adam(
         bc1, bc2_sqrt = _bias_corrections(count, b1, b2)
         if _tree.fast_path_ok(_tree.leaves(updates)):
             mu, nu, out = _tree.foreach_map(
-                lambda gs, ms, vs: _adam_multi_tensor(gs, ms, vs, None, b1, b2, eps, count, bc1, bc2_sqrt),
+                lambda gs, ms, vs: _adam_foreach(gs, ms, vs, None, b1, b2, eps, bc1, bc2_sqrt),
                 updates,
                 state.mu,
                 state.nu,
@@ -96,7 +95,7 @@ def scale_by_amsgrad(
         bc1, bc2_sqrt = _bias_corrections(count, b1, b2)
         if _tree.fast_path_ok(_tree.leaves(updates)):
             mu, nu, nu_max, out = _tree.foreach_map(
-                lambda gs, ms, vs, vmaxs: _adam_multi_tensor(gs, ms, vs, vmaxs, b1, b2, eps, count, bc1, bc2_sqrt),
+                lambda gs, ms, vs, vmaxs: _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt),
                 updates,
                 state.mu,
                 state.nu,
@@ -110,60 +109,6 @@ def scale_by_amsgrad(
         return out, ScaleByAmsgradState(count, mu, nu, nu_max)
 
     return GradientTransformation(init, update)
-
-
-_FUSED_DEVICES = ("cpu", "cuda")
-
-
-def _adam_multi_tensor(gs, ms, vs, vmaxs, b1, b2, eps, count, bc1, bc2_sqrt):
-    """One (device, dtype) group of Adam / AMSGrad through a multi-tensor kernel.
-
-    With float hyperparameters this runs torch's fused Adam kernel on fresh copies of the moments
-    and a zero "parameter" with ``lr = -1``, which leaves exactly the Adam direction in it: one pass
-    over memory instead of the eight of the foreach form. A pure update must write new moment
-    tensors anyway, so the copies cost no more than the allocations the foreach form makes.
-    Tensor hyperparameters (e.g. injected ones) take the foreach form.
-    """
-    if (
-        gs[0].device.type in _FUSED_DEVICES
-        and gs[0].is_floating_point()
-        and not any(isinstance(h, Tensor) for h in (b1, b2, eps))
-    ):
-        direction = [torch.zeros_like(g) for g in gs]
-        moments = fused_adam_step(
-            direction, gs, [ms, vs] if vmaxs is None else [ms, vs, vmaxs], count, -1.0, b1, b2, eps
-        )
-        return (*moments, direction)
-    return _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt)
-
-
-def fused_adam_step(start, gs, moments, count, lr, b1, b2, eps, weight_decay=0.0):
-    """Runs torch's fused AdamW kernel on new copies of ``moments`` (mu, nu[, nu_max]): in place,
-    it decays the list ``start`` by ``lr * weight_decay`` times itself and subtracts ``lr`` times the
-    Adam direction from it. Returns the new moments.
-
-    Float hyperparameters only; ``count`` is the 1-based step. In a donated (eager in-place) step
-    the kernel writes into ``moments`` themselves.
-    """
-    new_moments = [list(ms) for ms in moments] if is_donated() else [[m.clone() for m in ms] for ms in moments]
-    mu, nu, *nu_max = new_moments
-    steps = [count.to(device=gs[0].device, dtype=torch.float32)] * len(gs)
-    torch._fused_adamw_(
-        start,
-        gs,
-        mu,
-        nu,
-        nu_max[0] if nu_max else [],
-        steps,
-        lr=lr,
-        beta1=b1,
-        beta2=b2,
-        weight_decay=weight_decay,
-        eps=eps,
-        amsgrad=bool(nu_max),
-        maximize=False,
-    )
-    return new_moments
 
 
 def _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt):

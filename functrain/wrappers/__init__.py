@@ -15,8 +15,31 @@ from ._ema import EmaParamsState as EmaParamsState, ema_params as ema_params, em
 from ._finite import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
 from ._inject import (
     InjectHyperparamsState as InjectHyperparamsState,
+    hyperparams as hyperparams,
     inject_hyperparams as inject_hyperparams,
+    is_hyperparameter as is_hyperparameter,
     schedulable as schedulable,
     set_hyperparams as set_hyperparams,
+    signature_of as signature_of,
 )
 from ._lookahead import LookaheadState as LookaheadState, lookahead as lookahead
+
+__all__ = [
+    "AccumulateState",
+    "ApplyIfFiniteState",
+    "EmaParamsState",
+    "InjectHyperparamsState",
+    "LookaheadState",
+    "accumulate",
+    "accumulate_has_updated",
+    "apply_if_finite",
+    "ema_params",
+    "ema_params_of",
+    "hyperparams",
+    "inject_hyperparams",
+    "is_hyperparameter",
+    "lookahead",
+    "schedulable",
+    "set_hyperparams",
+    "signature_of",
+]

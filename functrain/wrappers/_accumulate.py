@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from .._donate import keeping_inputs
 from ..base import GradientTransformation, OptState, Updates, register_state, step_count
 from ._common import find_one_state
 
@@ -87,7 +86,7 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
         # every=1: hand tx the gradients themselves, so the result is tx's bit for bit (0 + g is not
         # always g: it turns -0.0 into +0.0).
         mean = updates if every == 1 else _tree.map(lambda s: s / every, gradient_sum)
-        inner_updates, inner_state = keeping_inputs(tx.update, mean, state.inner_state, params, **extra)
+        inner_updates, inner_state = tx.update(mean, state.inner_state, params, **extra)
         return _tree.where_or_zero(completes_window, inner_updates), AccumulateState(
             mini_step=torch.where(completes_window, 0, state.mini_step + 1),
             gradient_step=state.gradient_step + completes_window.to(state.gradient_step.dtype),
@@ -95,7 +94,9 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
             inner_state=_tree.where(completes_window, inner_state, state.inner_state),
         )
 
-    return GradientTransformation(init, update)
+    # Declined: the inner step is applied only on every k-th call, a choice made by a tensor, so no
+    # pass that writes the parameters can run unconditionally.
+    return GradientTransformation(init, update, update_and_apply=None)
 
 
 def accumulate_has_updated(opt_state: OptState) -> Tensor:

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def find_states(state: Any, cls: type) -> list[Any]:
-    """Every ``cls`` instance inside ``state``, searching tuples (chain, NamedTuple states), lists
-    and dicts (partition's groups, inject_hyperparams' hyperparams), depth first, in order."""
-    if isinstance(state, cls):
-        return [state]
-    if isinstance(state, dict):
-        children = state.values()
-    elif isinstance(state, (tuple, list)):
-        children = state
-    else:
-        return []
-    return [found for child in children for found in find_states(child, cls)]
+from .. import _tree
 
 
 def find_one_state(state: Any, cls: type, owner: str, what: str) -> Any:
     """The single ``cls`` instance inside ``state``; a ValueError saying what to do when there are none or several."""
-    found = find_states(state, cls)
+    found = _tree.find_states(state, cls)
     if len(found) != 1:
         raise ValueError(
             f"{owner}: expected opt_state to hold exactly one {cls.__name__} (from {what}), found {len(found)}; "

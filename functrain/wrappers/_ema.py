@@ -88,7 +88,9 @@ def ema_params(decay: Hyperparameter = 0.999) -> GradientTransformation:
         ema = _tree.map(lambda e, p: torch.where(first, p, _lerp(e, p, weight)), state.ema, new_params)
         return updates, EmaParamsState(count=state.count + 1, ema=ema)
 
-    return GradientTransformation(init, update)
+    # Declined: the EMA is of the parameters after the apply, which this transform computes itself;
+    # it passes the updates on unchanged and has no faster pass to offer.
+    return GradientTransformation(init, update, update_and_apply=None)
 
 
 def _lerp(start: Tensor, end: Tensor, weight: float | Tensor) -> Tensor:

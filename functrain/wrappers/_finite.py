@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from .._donate import keeping_inputs
 from ..base import GradientTransformation, OptState, register_state, step_count
 
 
@@ -73,7 +72,7 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
         )
 
     def update(updates, state, params=None, **extra):
-        inner_updates, inner_state = keeping_inputs(tx.update, updates, state.inner_state, params, **extra)
+        inner_updates, inner_state = tx.update(updates, state.inner_state, params, **extra)
         # The gradients are checked too: a transform may map a NaN to a finite update (a sign, a
         # clipped norm) while its state has already taken the NaN in.
         finite = (_tree.all_finite(updates) & _tree.all_finite(inner_updates)).to(state.notfinite_count.device)
@@ -86,4 +85,6 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
             inner_state=_tree.where(finite, inner_state, state.inner_state),
         )
 
-    return GradientTransformation(init, update)
+    # Declined: whether to apply is decided by the inner transform's output, after it is computed; a
+    # pass that wrote the parameters (and moments) first could not keep the old ones on a skipped step.
+    return GradientTransformation(init, update, update_and_apply=None)

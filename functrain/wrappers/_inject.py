@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .. import _tree
 from .._hoist import hoist
-from ..base import GradientTransformation, OptState, register_state, step_count
+from ..base import GradientTransformation, OptState, register_state, step_count, update_and_apply
 from ._common import find_one_state
 
 
@@ -51,15 +52,36 @@ def _numeric_value(value: Any) -> bool:
     return _is_scalar(value)
 
 
+def signature_of(factory: Callable[..., Any]) -> inspect.Signature:
+    """``factory``'s signature with its annotations evaluated to types (``from __future__ import
+    annotations`` leaves them as strings). An annotation that cannot be evaluated (a name imported
+    only for type checkers) stays a string, which :func:`is_hyperparameter` treats as saying nothing."""
+    try:
+        return inspect.signature(factory, eval_str=True)
+    except (NameError, TypeError, SyntaxError, AttributeError):
+        return inspect.signature(factory)
+
+
+def _types_in(annotation: Any) -> set[Any]:
+    """Every type an annotation names, through unions, tuples and callables:
+    ``tuple[Hyperparameter, float | None]`` names float, Tensor, a schedule's types and NoneType."""
+    if isinstance(annotation, list):  # a callable's parameter list
+        return {t for argument in annotation for t in _types_in(argument)}
+    arguments = typing.get_args(annotation)
+    if not arguments:
+        return {annotation}
+    return {t for argument in arguments for t in _types_in(argument)}
+
+
 def _declared_numeric(param: inspect.Parameter) -> bool | None:
     """What the signature says: True for a numeric hyperparameter, False for an option or a count,
     None when it says nothing (no annotation, no default)."""
     annotation = param.annotation
-    if annotation is not inspect.Parameter.empty:
-        text = annotation if isinstance(annotation, str) else repr(annotation)
+    if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
         # ``Hyperparameter``, ``float | Tensor``, ``tuple[Hyperparameter, ...]``; not ``int`` (ns_steps,
         # every), and not a float that may also be a string (``norm_type: float | str``): that is an option.
-        return bool(re.search(r"\b(Hyperparameter|Tensor|float)\b", text)) and not re.search(r"\bstr\b", text)
+        named = _types_in(annotation)
+        return bool(named & {float, Tensor}) and str not in named
     default = param.default
     if default is inspect.Parameter.empty or default is None:
         return None
@@ -140,7 +162,7 @@ def inject_hyperparams(
             f"not ft.adam(...)), got {type(factory).__name__}"
         )
     name = getattr(factory, "__name__", type(factory).__name__)
-    signature = inspect.signature(factory)
+    signature = signature_of(factory)
     # How each argument is passed, as plain tuples: the factory is called again inside a traced
     # update, where torch.compile cannot look through inspect's objects.
     layout = tuple((p.name, p.kind) for p in signature.parameters.values())
@@ -164,14 +186,16 @@ def inject_hyperparams(
             args, kwargs = _arguments(layout, {**static, **hyperparams})
             return factory(*args, **kwargs)
 
-        # The factory's own checks, once, on the initial values (a schedule at count 0).
-        call(_values_at(injected, torch.zeros((), dtype=torch.int64), _initial(injected)))
+        # The factory's own checks, once, on the initial values (a schedule at count 0), as the
+        # tensors an update passes: the result says whether the inner transform has a fast path.
+        zero = torch.zeros((), dtype=torch.int64)
+        probe = call(_as_tensors(_values_at(injected, zero, _initial(injected)), zero.device))
 
         cache: list[tuple[dict[str, Any], GradientTransformation]] = []  # the last (hyperparams, transform)
 
         def inner(hyperparams: dict[str, Any]) -> GradientTransformation:
             # Under torch.compile (or vmap/grad) this runs once, at trace time: nothing to save.
-            if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+            if _tree.tracing():
                 return call(hyperparams)
             if cache and _same_objects(cache[0][0], hyperparams):
                 return cache[0][1]
@@ -185,12 +209,23 @@ def inject_hyperparams(
             hyperparams = _as_tensors(values, count.device, copy=True)
             return InjectHyperparamsState(count, hyperparams, inner(hyperparams).init(params))
 
+        def current(state):
+            return _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
+
         def update(updates, state, params=None, **extra):
-            hyperparams = _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
+            hyperparams = current(state)
             updates, inner_state = inner(hyperparams).update(updates, state.inner_state, params, **extra)
             return updates, InjectHyperparamsState(state.count + 1, hyperparams, inner_state)
 
-        return GradientTransformation(init, update)
+        def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
+            hyperparams = current(state)
+            params, inner_state = update_and_apply(
+                inner(hyperparams), updates, state.inner_state, params, donate=donate, **extra
+            )
+            return params, InjectHyperparamsState(state.count + 1, hyperparams, inner_state)
+
+        offered = probe.update_and_apply is not None
+        return GradientTransformation(init, update, update_and_apply_inner if offered else None)
 
     return build
 
@@ -316,7 +351,32 @@ def set_hyperparams(opt_state: OptState, **values: Any) -> OptState:
     hyperparams = dict(found.hyperparams)
     for name, value in values.items():
         hyperparams[name] = _replacement(name, value, found.hyperparams[name])
-    return _replace_node(opt_state, found, found._replace(hyperparams=hyperparams))
+    return _tree.replace_node(opt_state, found, found._replace(hyperparams=hyperparams))
+
+
+def hyperparams(state: Any) -> dict[str, Tensor]:
+    """The injected hyperparameters in ``state`` (no host sync): ``{"lr": tensor, ...}``.
+
+    Names are the keyword names given to :func:`~functrain.inject_hyperparams` (``"betas.0"`` for a
+    tuple's items); when the state holds several injected optimisers (a GAN's two states), each
+    name is prefixed with the dotted path to its optimiser state (``"0.opt_state.lr"``).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.TrainState.create(torch.nn.Linear(2, 1), ft.inject_hyperparams(ft.adam)(lr=1e-3))
+        >>> {k: float(v) for k, v in ft.hyperparams(state).items()}
+        {'lr': 0.001, 'betas.0': 0.9, 'betas.1': 0.999, 'eps': 1e-08}
+    """
+    found = [(path, node) for path, node in _tree.state_nodes(state) if isinstance(node, InjectHyperparamsState)]
+    out: dict[str, Tensor] = {}
+    for path, inject_state in found:
+        prefix = f"{path}." if len(found) > 1 else ""
+        for name, value in inject_state.hyperparams.items():
+            if isinstance(value, tuple):
+                out.update({f"{prefix}{name}.{i}": v for i, v in enumerate(value) if isinstance(v, Tensor)})
+            elif isinstance(value, Tensor):
+                out[prefix + name] = value
+    return out
 
 
 def _replacement(name: str, value: Any, old: Any) -> Any:
@@ -338,21 +398,6 @@ def _replacement(name: str, value: Any, old: Any) -> Any:
     return torch.as_tensor(value, dtype=torch.float64, device=old.device).detach().clone().reshape(())
 
 
-def _replace_node(tree: Any, old: Any, new: Any) -> Any:
-    """``tree`` with the node ``old`` (found by identity) replaced by ``new``; containers off its path are shared."""
-    if tree is old:
-        return new
-    if isinstance(tree, dict):
-        children = {k: _replace_node(v, old, new) for k, v in tree.items()}
-        return tree if all(children[k] is tree[k] for k in tree) else type(tree)(children)
-    if isinstance(tree, (tuple, list)):
-        children = [_replace_node(v, old, new) for v in tree]
-        if all(c is v for c, v in zip(children, tree)):
-            return tree
-        return type(tree)(*children) if hasattr(tree, "_fields") else type(tree)(children)
-    return tree
-
-
 # ----------------------------------------------------------------------------- schedulable
 
 
@@ -365,7 +410,7 @@ def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[...,
     update rebuilds it with the schedules' current values. Calls without schedules return the
     plain transformation.
     """
-    signature = inspect.signature(factory)
+    signature = signature_of(factory)
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:

@@ -74,4 +74,6 @@ def lookahead(tx: GradientTransformation, sync_period: int = 6, alpha: float | T
         out = _tree.map(lambda p, u, s: torch.where(sync, (s - p).to(u.dtype), u), params, fast_updates, synced)
         return out, LookaheadState(state.count + 1, _tree.where(sync, synced, state.slow), inner_state)
 
-    return GradientTransformation(init, update)
+    # Declined: on a sync step the update is ``slow - params``, and ``params + (slow - params)`` is
+    # not bitwise ``slow``; only the reference update + apply gives the documented numbers.
+    return GradientTransformation(init, update, update_and_apply=None)
