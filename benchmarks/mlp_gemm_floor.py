@@ -3,11 +3,11 @@
 A training step of the 784-512-512-10 MLP at batch 256 runs three forward ``addmm`` and five
 backward ``mm`` (three weight gradients, two input gradients; the input needs none). Eager torch and
 ``torch.compile`` call ATen's kernels (MKL's sgemm) for them, and inductor's max-autotune keeps
-ATen's here; functrain's compiled step runs each on oneDNN where that is faster (functrain/_gemm.py).
-Each library's time for the eight bounds the steps that use it from below. This script times the
-eight products back to back on each library, then the torch.optim fused step and functrain's
-compiled in-place step with and without the GEMM choice, interleaved, and prints each as a fraction
-of the fused step::
+ATen's here, as does functrain's compiled step by default; opted in with ``compile={"cpu_gemm":
+"fastest"}``, it runs each on oneDNN where that is faster (functrain/_gemm.py). Each library's time
+for the eight bounds the steps that use it from below. This script times the eight products back to
+back on each library, then the torch.optim fused step and functrain's compiled in-place step without
+and with the GEMM choice, interleaved, and prints each as a fraction of the fused step::
 
     .venv/bin/python benchmarks/mlp_gemm_floor.py
 """
@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_step import ATEN_GEMMS, mlp, mlp_gemms  # benchmarks/, on sys.path as the script's own folder
+from bench_step import FASTEST_GEMMS, mlp, mlp_gemms  # benchmarks/, on sys.path as the script's own folder
 
 import functrain as ft
 from functrain import _gemm
@@ -75,7 +75,7 @@ def main() -> None:
         "gemms-onednn": lambda: mlp_gemms(x, ws, bs, g3, _gemm.onednn_mm, onednn_addmm),
         "torch-fused": torch_step,
         "functrain-compiled-inplace": functrain_step(True),
-        "functrain-compiled-inplace-aten-gemm": functrain_step(ATEN_GEMMS),
+        "functrain-compiled-inplace-fastest-gemm": functrain_step(FASTEST_GEMMS),
     }
     results = {name: [] for name in timed}
     for _ in range(5):  # interleaved, so that drifts in machine speed hit every entry alike

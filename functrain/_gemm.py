@@ -1,4 +1,4 @@
-"""Compiled steps run each dense float32 CPU GEMM on whichever library is faster for its shape.
+"""Opt-in: compiled steps run each dense float32 CPU GEMM on whichever library is faster for its shape.
 
 ATen sends a float32 ``mm``/``addmm`` on the CPU to MKL's ``sgemm``, and inductor keeps that call in
 a compiled graph. MKL picks its code path by CPU vendor: on AMD processors it runs its AVX2 kernels
@@ -12,9 +12,17 @@ it slower, and the timing keeps those on MKL.
 :data:`GEMM_PASS` is an inductor post-grad pass that times both libraries once per GEMM signature
 (shapes, strides), on the machine compiling the step, and rewrites the GEMMs where oneDNN is
 faster into the ``functrain::onednn_mm`` op. Both compute the same sums in a different order, so
-results agree to float32 rounding, as any two BLAS builds do. A graph served from inductor's cache
-keeps the choices made when it was built; two cold compiles may choose differently where the two
-times are close (docs/concepts/compiling.md says how to turn the pass off).
+results agree to float32 rounding, as any two BLAS builds do.
+
+The pass runs only when the user opts in with ``compile={"cpu_gemm": "fastest"}``
+(``functrain.step._with_gemm_pass``): the choice depends on timings, so two cold compiles (two
+processes, or an empty inductor cache) may choose differently where the two times are close, and
+their numbers then differ at float32 rounding. A default compiled step keeps every GEMM on ATen and
+is bitwise reproducible across processes (DESIGN.md 2a).
+
+oneDNN is reached through a private op, ``torch.ops.mkldnn._linear_pointwise``. Any failure of it
+falls back to ATen: a signature whose oneDNN timing raises stays on ATen, and ``onednn_mm`` computes
+with ``torch.addmm``/``torch.mm`` if the op is missing or raises.
 """
 
 from __future__ import annotations
@@ -38,10 +46,24 @@ _TIMED_CALLS = 7
 _LONG_CALL_SECONDS = 0.01
 
 
+def _onednn(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """``a @ b (+ bias)`` by oneDNN's inner-product primitive (which takes the weight as ``b.T``).
+    A private op of torch: it may be missing from a build, or refuse an operand layout."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+def _aten(a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 @torch.library.custom_op("functrain::onednn_mm", mutates_args=())
 def onednn_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ b (+ bias)`` by oneDNN's inner-product primitive (which takes the weight as ``b.T``)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+    """``a @ b (+ bias)`` on oneDNN; on ATen (``torch.addmm``/``torch.mm``) if oneDNN's op is
+    missing or raises, so a graph compiled where the op worked still runs where it does not."""
+    try:
+        return _onednn(a, b, bias)
+    except Exception:  # whatever the private op raises, ATen computes the product instead
+        return _aten(a, b, bias)
 
 
 @onednn_mm.register_fake
@@ -107,14 +129,19 @@ _CHOICES: dict[tuple, bool] = {}
 
 def onednn_is_faster(a: Tensor, b: Tensor, bias: Tensor | None) -> bool:
     """Whether oneDNN runs ``a @ b (+ bias)`` for tensors of these shapes and strides in at most
-    ``_MARGIN`` of ATen's time on this machine (measured once per signature per process)."""
+    ``_MARGIN`` of ATen's time on this machine (measured once per signature per process). ``False``
+    when oneDNN's op fails on them (missing, or refusing the layout): such a GEMM stays on ATen."""
     key = tuple((tuple(t.shape), tuple(t.stride())) if t is not None else None for t in (a, b, bias))
     if key not in _CHOICES:
         a, b = _like(a), _like(b)
         bias = None if bias is None else _like(bias)
-        aten_call = (lambda: torch.mm(a, b)) if bias is None else (lambda: torch.addmm(bias, a, b))
         with torch.no_grad():
-            _CHOICES[key] = _median_seconds(lambda: onednn_mm(a, b, bias)) <= _MARGIN * _median_seconds(aten_call)
+            try:
+                onednn = _median_seconds(lambda: _onednn(a, b, bias))
+            except Exception:  # any failure of the private op keeps the GEMM on ATen
+                _CHOICES[key] = False
+            else:
+                _CHOICES[key] = onednn <= _MARGIN * _median_seconds(lambda: _aten(a, b, bias))
     return _CHOICES[key]
 
 

@@ -1,11 +1,14 @@
-"""The compiled step's GEMM selection (functrain/_gemm.py): each float32 CPU mm/addmm runs on
-oneDNN where that is measured faster than ATen's BLAS, with the same result to float32 rounding."""
+"""The compiled step's GEMM selection (functrain/_gemm.py), an opt-in (``compile={"cpu_gemm": "fastest"}``):
+each float32 CPU mm/addmm runs on oneDNN where that is measured faster than ATen's BLAS, with the same
+result to float32 rounding; any failure of oneDNN's private op falls back to ATen. A default compiled
+step runs no timing pass."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -128,35 +131,90 @@ def test_timing_an_expanded_operand_keeps_its_strides(monkeypatch):
     monkeypatch.setattr(_gemm, "_CHOICES", {})
     a, b = torch.randn(1, 7).expand(5, 7), torch.randn(7, 3)
     seen = []
-    real = _gemm.onednn_mm
+    real = _gemm._onednn
 
-    def spy(x, y, bias=None):
+    def spy(x, y, bias):
         seen.append((x.stride(), y.stride()))
         return real(x, y, bias)
 
-    monkeypatch.setattr(_gemm, "onednn_mm", spy)
+    monkeypatch.setattr(_gemm, "_onednn", spy)
     assert isinstance(_gemm.onednn_is_faster(a, b, None), bool)
     assert set(seen) == {((0, 1), (3, 1))}
-    assert relative_error(real(a, b), torch.mm(a, b)) < 1e-6
+    assert relative_error(_gemm.onednn_mm(a, b), torch.mm(a, b)) < 1e-6
 
 
-def test_the_pass_rides_on_the_compile_options_and_a_mode_becomes_its_options():
-    assert _with_gemm_pass({"fullgraph": True}) == {
-        "fullgraph": True,
-        "options": {"post_grad_custom_post_pass": _gemm.GEMM_PASS},
-    }
-    autotuned = _with_gemm_pass({"mode": "max-autotune"})
+def broken_onednn(monkeypatch, how):
+    """Replaces ``torch.ops.mkldnn`` by a namespace whose ``_linear_pointwise`` raises, or lacks it."""
+
+    def raises(*args):
+        raise RuntimeError("mkldnn linear: unsupported layout")
+
+    namespace = types.SimpleNamespace(_linear_pointwise=raises) if how == "raises" else types.SimpleNamespace()
+    monkeypatch.setattr(torch.ops, "mkldnn", namespace)
+
+
+@pytest.mark.parametrize("how", ["raises", "missing"])
+def test_onednn_mm_computes_on_aten_when_the_private_op_fails(monkeypatch, how):
+    """A graph compiled where oneDNN's op worked still runs, bit for bit as ATen, where it does not."""
+    a, b, bias = operands("a^T b")
+    broken_onednn(monkeypatch, how)
+    assert torch.equal(_gemm.onednn_mm(a, b), torch.mm(a, b))
+    assert torch.equal(_gemm.onednn_mm(a, b, bias), torch.addmm(bias, a, b))
+
+
+@pytest.mark.parametrize("how", ["raises", "missing"])
+def test_a_gemm_whose_onednn_timing_fails_stays_on_aten(monkeypatch, how):
+    """Timing oneDNN on a signature raises: ATen is chosen, and the pass leaves the graph's GEMMs alone."""
+    monkeypatch.setattr(_gemm, "_CHOICES", {})
+    a, b, bias = operands("a b")
+    broken_onednn(monkeypatch, how)
+    assert _gemm.onednn_is_faster(a, b, None) is False
+    assert _gemm.onednn_is_faster(a, b, bias) is False
+
+    def fn(a, b, bias):
+        return torch.relu(torch.addmm(bias, a, b)) @ b.t()
+
+    monkeypatch.setattr(_gemm, "onednn_available", lambda: True)  # a raising op still looks available
+    gm = make_fx(fn)(a, b, bias)
+    _gemm.GEMM_PASS(gm.graph)
+    gm.recompile()
+    assert torch.ops.functrain.onednn_mm.default not in [n.target for n in gm.graph.nodes]
+    assert torch.equal(gm(a, b, bias), fn(a, b, bias))
+
+
+def test_default_compile_options_run_no_timing_pass():
+    """Without the opt-in nothing is timed: the options reach torch.compile as given (a bitwise
+    reproducible step, DESIGN.md 2a)."""
+    for options in ({"fullgraph": True}, {"mode": "max-autotune"}, {"dynamic": True, "options": {"trace.enabled": 0}}):
+        assert _with_gemm_pass(options) == options
+        assert _with_gemm_pass({**options, "cpu_gemm": "aten"}) == options
+
+
+def test_the_opt_in_rides_on_the_compile_options_and_a_mode_becomes_its_options():
+    given = {"fullgraph": True, "cpu_gemm": "fastest"}
+    assert _with_gemm_pass(given) == {"fullgraph": True, "options": {"post_grad_custom_post_pass": _gemm.GEMM_PASS}}
+    assert given == {"fullgraph": True, "cpu_gemm": "fastest"}  # the caller's dict is left alone
+    autotuned = _with_gemm_pass({"mode": "max-autotune", "cpu_gemm": "fastest"})
     assert "mode" not in autotuned
     assert autotuned["options"] == {
         **torch._inductor.list_mode_options("max-autotune"),
         "post_grad_custom_post_pass": _gemm.GEMM_PASS,
     }
-    assert _with_gemm_pass({"options": {"post_grad_custom_post_pass": None}})["options"] == {
-        "post_grad_custom_post_pass": None
-    }
-    assert _with_gemm_pass({"backend": "eager"}) == {"backend": "eager"}
+    # A post-grad pass the caller set themselves (None: none) is respected.
+    for own in (None, _gemm.FasterGemms()):
+        options = {"cpu_gemm": "fastest", "options": {"post_grad_custom_post_pass": own}}
+        assert _with_gemm_pass(options)["options"] == {"post_grad_custom_post_pass": own}
+    assert _with_gemm_pass({"backend": "eager", "cpu_gemm": "fastest"}) == {"backend": "eager"}
     both = {"mode": "max-autotune", "options": {"max_autotune": True}}  # torch.compile refuses this
-    assert _with_gemm_pass(both) == both
+    assert _with_gemm_pass({**both, "cpu_gemm": "fastest"}) == both
+
+
+@pytest.mark.parametrize("value", ["onednn", "Fastest", None, True])
+def test_an_unknown_cpu_gemm_names_the_key_and_the_allowed_values(value):
+    with pytest.raises(ValueError, match=r"compile\['cpu_gemm'\] must be one of \('aten', 'fastest'\)"):
+        _with_gemm_pass({"cpu_gemm": value})
+    with pytest.raises(ValueError, match=r"compile\['cpu_gemm'\]"):
+        ft.make_train_step(mlp(), regression, ft.sgd(lr=0.1), compile={"cpu_gemm": value})
 
 
 def test_importing_functrain_leaves_inductor_unimported():
@@ -177,13 +235,13 @@ def regression(model, batch):
 
 @needs_onednn
 @pytest.mark.slow
-@pytest.mark.parametrize("pass_", ["default", "off"])
-def test_compiled_step_with_onednn_gemms_equals_the_eager_step(pass_, monkeypatch):
-    """Forced onto oneDNN, all 8 GEMMs of a 3-layer MLP's step leave ATen and the step still
-    equals the eager one; ``post_grad_custom_post_pass=None`` turns the pass off."""
+@pytest.mark.parametrize("cpu_gemm", ["fastest", "default"])
+def test_compiled_step_with_onednn_gemms_equals_the_eager_step(cpu_gemm, monkeypatch):
+    """Opted in and forced onto oneDNN, all 8 GEMMs of a 3-layer MLP's step leave ATen and the step
+    still equals the eager one to float32 rounding; by default no GEMM is rewritten."""
     monkeypatch.setattr(_gemm, "onednn_is_faster", lambda *values: True)
     model, tx = mlp(), ft.adamw(lr=1e-2)
-    compile = True if pass_ == "default" else {"options": {"post_grad_custom_post_pass": None}}
+    compile = {"cpu_gemm": "fastest"} if cpu_gemm == "fastest" else True
     step = ft.make_train_step(model, regression, tx, compile=compile)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 12, generator=g), torch.randn(16, 4, generator=g)) for _ in range(4)]
@@ -193,7 +251,7 @@ def test_compiled_step_with_onednn_gemms_equals_the_eager_step(pass_, monkeypatc
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         (compiled, _), (code,) = run_and_get_code(step, compiled, data[0])
     calls = code.count("torch.ops.functrain.onednn_mm.default(")
-    assert calls == (8 if pass_ == "default" else 0)
+    assert calls == (8 if cpu_gemm == "fastest" else 0)
     eager, _ = eager_step(eager, data[0])
     for batch in data[1:]:
         compiled, _ = step(compiled, batch)
@@ -209,7 +267,7 @@ def test_a_dynamic_shape_step_keeps_symbolic_gemms_on_aten_and_equals_eager(monk
     and the step still equals the eager one for two batch sizes."""
     monkeypatch.setattr(_gemm, "onednn_is_faster", lambda *values: True)
     model, tx = mlp(), ft.sgd(lr=0.1)
-    step = ft.make_train_step(model, regression, tx, compile={"dynamic": True})
+    step = ft.make_train_step(model, regression, tx, compile={"dynamic": True, "cpu_gemm": "fastest"})
     eager_step = ft.make_train_step(model, regression, tx)
     g = torch.Generator().manual_seed(2)
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
