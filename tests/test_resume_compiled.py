@@ -1,0 +1,102 @@
+"""A compiled float32 run killed with SIGKILL and resumed in a fresh process, with an empty inductor cache, ends
+bitwise equal to an uninterrupted run in a third process (DESIGN.md 2a): nothing timed while compiling changes a
+default compiled step's numbers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_loop import assert_bitwise_equal
+
+REPO = Path(__file__).resolve().parent.parent
+
+# 64-64-10 MLP (three GEMMs forward, three backward: the input needs no gradient), AdamW, float32, compile=True.
+# 160 samples in batches of 16: 10 steps per epoch, 30 in all. Checkpoints every 4 steps; with a kill step the
+# process SIGKILLs itself after that step, so a resume restarts from the checkpoint before it, mid-epoch.
+# ``favour`` stands in for the timing noise of a cold compile: it makes functrain's GEMM timing (which only
+# ``cpu_gemm="fastest"`` runs) find oneDNN or ATen faster for every GEMM of this process.
+SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+from torch import nn
+import functrain as ft
+from functrain import _gemm
+from tests.test_loop import ShuffledLoader, classification
+
+directory, out, kill_at, favour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+_gemm.onednn_is_faster = lambda *operands: favour == "onednn"
+
+
+class Kill(ft.Callback):
+    def on_step_end(self, loop):
+        if loop.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+g = torch.Generator().manual_seed(1)
+loader = ShuffledLoader(torch.randn(160, 64, generator=g), torch.randint(0, 10, (160,), generator=g), batch_size=16)
+tx = ft.adamw(lr=1e-2, weight_decay=1e-2)
+step = ft.make_train_step(model, classification, tx, compile=True)
+checkpoint = ft.callbacks.Checkpoint(directory, every_steps=4, every_epochs=None, keep=2)
+state, history = ft.fit(
+    step, ft.TrainState.create(model, tx), loader, epochs=3, callbacks=[Kill()], checkpoint=checkpoint,
+    resume=True, log_every=5, device="cpu",
+)
+assert all(p.dtype == torch.float32 for p in state.params.values())
+torch.save({{"state": state, "history": history}}, out)
+"""
+
+
+def run(tmp_path: Path, name: str, directory: Path, *, kill_at: int = 0, favour: str) -> subprocess.CompletedProcess:
+    """Runs the script in a fresh process whose inductor and triton caches are new, empty directories (and
+    whose FX graph and AOT autograd caches are off): every graph is compiled cold."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(repo=str(REPO))))
+    caches = tmp_path / f"caches-{name}"
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+    }
+    out = tmp_path / f"out-{name}.pt"
+    args = [sys.executable, str(script), str(directory), str(out), str(kill_at), favour]
+    return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_a_killed_compiled_run_resumes_bitwise_in_a_fresh_process_with_empty_caches(tmp_path):
+    """Killed after step 13, resumed from step 12's checkpoint in a new process: params, buffers, optimiser state,
+    step count and history bitwise equal to an uninterrupted run. The uninterrupted and killed processes' GEMM
+    timings favour oneDNN, the resumed one's ATen; a default compiled step runs no timing, so it does not matter."""
+    full = run(tmp_path, "full", tmp_path / "ckpt-full", favour="onednn")
+    assert full.returncode == 0, full.stderr
+    directory = tmp_path / "ckpt"
+    killed = run(tmp_path, "killed", directory, kill_at=13, favour="onednn")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "out-killed.pt").exists()
+    assert sorted(p.name for p in directory.glob("step-*.pt")) == ["step-00000008.pt", "step-00000012.pt"]
+    resumed = run(tmp_path, "resumed", directory, favour="aten")
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected = torch.load(tmp_path / "out-full.pt", weights_only=True)
+    result = torch.load(tmp_path / "out-resumed.pt", weights_only=True)
+    assert int(result["state"].step) == 30
+    for name, param in expected["state"].params.items():
+        assert torch.equal(result["state"].params[name], param), name
+    assert_bitwise_equal(result["state"], expected["state"])  # every leaf: params, buffers, opt_state, step
+    assert result["history"] == expected["history"]
