@@ -3,9 +3,13 @@
 Each group times the same update, side by side in one run, at the sizes of ``SCALES`` (conftest.py):
 AdamW and SGD-momentum at ~1M, ~10M and ~100M parameters, Adafactor, Muon and Lion at ~10M.
 
-- ``functrain``: ``updates, state = tx.update(grads, state, params); params = ft.apply_updates(params,
-  updates)``, the new params and state carried into the next round as a training loop would (pure:
-  every round allocates the new moments, updates and params).
+- ``functrain``: ``params, state = ft.update_and_apply(tx, grads, state, params)``, the optimiser's
+  declared fast path as a pure training step runs it (AdamW: torch's fused kernel on new copies of the
+  params and moments), the new params and state carried into the next round as a training loop would.
+- ``functrain-donated``: the same with ``donate=True``, as an eager in-place step runs it (AdamW: the
+  fused kernel on the params and moments where they lie, as ``torch.optim.AdamW(fused=True)``).
+- ``functrain-update``: the reference, ``updates, state = tx.update(grads, state, params); params =
+  ft.apply_updates(params, updates)`` (AdamW: the foreach form).
 - ``functrain-compiled``: the same update under ``torch.compile(fullgraph=True)``, written back into
   the params and state tensors (in place), as a compiled train step does.
 - ``torch-forloop`` / ``torch-foreach`` / ``torch-fused``: ``opt.step()`` of the torch.optim class
@@ -100,14 +104,29 @@ class Stepper:
         assert not torch.equal(final[0], first), "the step left the parameters unchanged"
 
 
-def functrain_stepper(tx: ft.GradientTransformation, params: dict[str, Tensor], grads: dict[str, Tensor]) -> Stepper:
+def functrain_stepper(
+    tx: ft.GradientTransformation, params: dict[str, Tensor], grads: dict[str, Tensor], mode: str
+) -> Stepper:
+    """``mode``: ``"update"`` runs the reference, ``tx.update`` then ``ft.apply_updates``;
+    ``"fast"`` runs ``ft.update_and_apply`` (tx's declared fast path, what a train step runs);
+    ``"donated"`` the same with ``donate=True``, writing into the params and state (an in-place step)."""
+    if mode == "donated":
+        params = {k: v.clone() for k, v in params.items()}  # written in place: keep the caller's for check()
     carry = {"params": params, "state": tx.init(params)}
 
     def step() -> None:
-        updates, carry["state"] = tx.update(grads, carry["state"], carry["params"])
-        carry["params"] = ft.apply_updates(carry["params"], updates)
+        if mode == "update":
+            updates, carry["state"] = tx.update(grads, carry["state"], carry["params"])
+            carry["params"] = ft.apply_updates(carry["params"], updates)
+        else:
+            carry["params"], carry["state"] = ft.update_and_apply(
+                tx, grads, carry["state"], carry["params"], donate=mode == "donated"
+            )
 
     return Stepper(step, lambda: list(carry["params"].values()))
+
+
+FUNCTRAIN_EAGER = {"functrain": "fast", "functrain-donated": "donated", "functrain-update": "update"}
 
 
 def compiled_functrain_stepper(tx, params, grads) -> Stepper:
@@ -206,8 +225,8 @@ LION = Optimiser("lion", lambda: ft.lion(lr=1e-4), None)
 
 def make_stepper(impl: str, opt: Optimiser, params, grads, bench_config) -> Stepper:
     """The ``impl`` entry's stepper for ``opt``; skips the entries that cannot run here."""
-    if impl == "functrain":
-        return functrain_stepper(opt.functrain(), params, grads)
+    if impl in FUNCTRAIN_EAGER:
+        return functrain_stepper(opt.functrain(), params, grads, FUNCTRAIN_EAGER[impl])
     if impl == "functrain-compiled":
         if bench_config.smoke:
             pytest.skip(COMPILE_SKIP)
@@ -234,7 +253,7 @@ def run_update(impl: str, opt: Optimiser, params, grads, run_steps, bench_config
 
 # ----------------------------------------------------------------------------- the size sweep
 
-SWEEP_IMPLEMENTATIONS = ["functrain", "functrain-compiled", *TORCH_VARIANTS, "torchopt"]
+SWEEP_IMPLEMENTATIONS = [*FUNCTRAIN_EAGER, "functrain-compiled", *TORCH_VARIANTS, "torchopt"]
 
 
 @pytest.mark.benchmark(group="adamw-update")
@@ -295,7 +314,7 @@ def test_muon_update(impl, param_set, params, grads, run_steps):
     matrices = dict([(k, v) for k, v in params.items() if v.ndim == 2][:2])
     matrix_grads = {k: grads[k] for k in matrices}
     if impl == "functrain":
-        stepper = functrain_stepper(ft.muon(lr=1e-3), matrices, matrix_grads)
+        stepper = functrain_stepper(ft.muon(lr=1e-3), matrices, matrix_grads, "fast")
     else:
         stepper = torch_stepper(lambda ps: torch.optim.Muon(ps, lr=1e-3), matrices, matrix_grads)
     n = sum(m.numel() for m in matrices.values())
