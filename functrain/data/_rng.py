@@ -23,10 +23,16 @@ from torch.overrides import TorchFunctionMode
 
 _MASK = (1 << 64) - 1
 
+# torch's private samplers behind torch.distributions' Gamma, Dirichlet and Beta (torchvision's
+# MixUp and CutMix draw from a Beta). Private, so each is taken only where this torch has it: without
+# them the mode cannot redirect those draws, and functrain still imports (tests/test_private_apis.py).
+_PRIVATE_SAMPLERS = ("_standard_gamma", "_sample_dirichlet")
+
 # Every torch sampling function (and Tensor method) that takes ``generator=``. Calls that take no
 # generator argument (e.g. F.dropout) cannot be redirected and still use the global generator.
 _SAMPLERS = frozenset(
     {
+        *(getattr(torch, name) for name in _PRIVATE_SAMPLERS if hasattr(torch, name)),
         torch.rand,
         torch.rand_like,
         torch.randn,
@@ -39,8 +45,6 @@ _SAMPLERS = frozenset(
         torch.normal,
         torch.poisson,
         torch.binomial,
-        torch._standard_gamma,
-        torch._sample_dirichlet,
         Tensor.uniform_,
         Tensor.normal_,
         Tensor.random_,

@@ -36,7 +36,6 @@ import atexit
 import contextlib
 import math
 import os
-import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler, default_collate
 
 from .. import _validate
+from . import _torchdata
 from ._layout import _map, _tensors, to_chw
 from ._rng import _MAIN_PID, derive_seed, sample_rng
 
@@ -72,13 +72,15 @@ class _BatchIndices(tn.BaseNode):
     share), cut into ``batch_size`` pieces per epoch (so no batch spans two epochs; with
     ``drop_last`` the short tail is dropped). The stream never ends: the loader cuts it into epochs
     by count, so workers and prefetched batches carry over from one epoch to the next. The loader
-    sets ``epoch`` and ``number`` (where to start) before a ``reset()``.
+    sets ``epoch`` and ``number`` (where to start) before a ``reset()``; setting ``ended`` ends the
+    stream (the way to stop a pipeline without torchdata's internals, see ``Loader._run_out``).
     """
 
     def __init__(self, sampler: DistributedSampler, batch_size: int, n_batches: int):
         super().__init__()
         self.sampler, self.batch_size, self.n_batches = sampler, batch_size, n_batches
         self.epoch, self.number = 0, 0
+        self.ended = False
 
     def reset(self, initial_state: dict | None = None):
         super().reset(initial_state)
@@ -86,12 +88,15 @@ class _BatchIndices(tn.BaseNode):
             self.epoch, self.number = initial_state["epoch"], initial_state["batch"]
         self._start_epoch(self.epoch)
         self._number = self.number
+        self.ended = False
 
     def _start_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self._epoch, self._order = epoch, list(self.sampler)
 
     def next(self) -> tuple[int, int, list[int]]:
+        if self.ended:
+            raise StopIteration
         if self._number == self.n_batches:
             self._start_epoch(self._epoch + 1)
             self._number = 0
@@ -256,34 +261,28 @@ class Loader:
         again at the cursor). Called for every live loader when the interpreter exits: a daemon
         thread still inside a torch op at exit would abort the process.
 
-        Reaches into torchdata 0.11's iterators: they stop on their own only at the end of their
-        stream, and this one has no end.
+        torchdata's nodes stop on their own only at the end of their stream, and this one has no
+        end: the threads are stopped through torchdata 0.11's internals (``_torchdata.stop``). If a
+        torchdata keeps them elsewhere, the stream is ended at its source and run out instead
+        (slower: the batches in flight are loaded), with a ``RuntimeWarning``.
         """
         self._generation += 1
-        self._stream = None
-        for node in self._threaded:  # Prefetcher, PinMemory: one thread each
-            it = getattr(node, "_it", None)
-            if it is not None:
-                it._stop_event.set()
-        mapper = getattr(getattr(self._mapper, "_it", None), "_it", None)
-        if mapper is not None and hasattr(mapper, "_workers"):
-            # The threads reading from the workers stop first: a tensor from a worker process is
-            # fetched from that process while it is unpickled, so the worker must outlive the reader.
-            mapper._stop.set()
-            for thread in (mapper._read_thread, mapper._sort_thread):
-                if thread.is_alive():
-                    thread.join(timeout=1)
-            mapper._mp_stop.set()
-            _drain(mapper._in_q)  # workers leave once the stop is set and their input queue is empty
-            for worker in mapper._workers:
-                worker.join(timeout=5)
-                if worker.is_alive() and hasattr(worker, "terminate"):
-                    worker.terminate()
-                    worker.join(timeout=1)
-        for node in self._threaded:
-            it = getattr(node, "_it", None)
-            if it is not None and it._thread.is_alive():
-                it._thread.join(timeout=5)
+        running, self._stream = self._stream is not None, None
+        if not _torchdata.stop(self._threaded, self._mapper) and running:
+            _torchdata.warn_ran_out()
+            self._run_out()
+
+    def _run_out(self) -> None:
+        """Ends the stream at its source and pulls the pipeline's remaining batches until it ends:
+        each node then stops its threads and worker processes itself. Public behaviour only."""
+        self._batches.ended = True
+        while True:
+            try:
+                next(self._root)
+            except StopIteration:
+                return
+            except Exception:  # noqa: BLE001 - a batch that failed: the ones behind it must still come out
+                continue
 
     def _epoch(self, generation: int) -> Iterator[Any]:
         epoch, start = self.epoch, self.batch
@@ -291,6 +290,11 @@ class Loader:
             self._batches.epoch, self._batches.number = epoch, start
             self._root.reset()  # (re)starts the workers; a previous pipeline's are shut down
             self._stream = (epoch, start)
+            if self._watch and _torchdata.mapper_iterator(self._mapper) is _torchdata.UNKNOWN:
+                # No way to see a worker process die: refuse rather than risk hanging on one.
+                self._stream = None
+                self._run_out()
+                raise _torchdata.process_workers_unsupported()
         watchdog = _Watchdog(self._mapper) if self._watch else None
         cuda = self._device is not None and self._device.type == "cuda"
         stream = torch.cuda.Stream(self._device) if cuda else None
@@ -356,16 +360,6 @@ def _to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     return to_dtype(x, dtype, scale=True)
 
 
-def _drain(q) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
-    except (OSError, ValueError):  # a multiprocessing queue already closed
-        pass
-
-
 _LIVE: weakref.WeakSet[Loader] = weakref.WeakSet()
 
 
@@ -386,22 +380,13 @@ class _Watchdog(threading.Thread):
         self._stop_event = threading.Event()
         self.start()
 
-    def _iterator(self):
-        # torchdata 0.11 internals: ParallelMapper._it (_ParallelMapperImpl)._it (_ParallelMapperIter)
-        return getattr(getattr(self.mapper, "_it", None), "_it", None)
-
     def run(self) -> None:
         while not self._stop_event.wait(0.05):
-            it = self._iterator()
-            if it is None or it._stop.is_set() or it._mp_stop.is_set():  # not started, or stopping
-                continue
-            for worker in it._workers:
-                if not worker.is_alive():
-                    # Stop the mapper's readers (its iterator then ends); the loader's close() then
-                    # stops the other workers, after the readers, so no read is cut off midway.
-                    self.dead = worker
-                    it._stop.set()
-                    return
+            # Stops the mapper's readers when a worker died (its iterator then ends); the loader's
+            # close() then stops the other workers, after the readers, so no read is cut off midway.
+            self.dead = _torchdata.dead_worker(self.mapper)
+            if self.dead is not None:
+                return
 
     def describe(self) -> str:
         code = self.dead.exitcode
@@ -542,6 +527,7 @@ def make_loader(
         num_workers=num_workers,
         method=worker_method,
         multiprocessing_context=multiprocessing_context,
+        in_order=True,  # (the default) the loader checks each batch is the one expected
         snapshot_frequency=0,  # the loader's state is its cursor: no per-item snapshots needed
     )
     node: tn.BaseNode = mapper
@@ -572,6 +558,6 @@ def make_loader(
         n_batches=n_batches,
         fingerprint=fingerprint,
         device=device,
-        mapper=mapper,
+        mapper=mapper if num_workers > 0 else None,  # with no workers it runs inline: nothing to stop or watch
         watch=worker_method == "process" and num_workers > 0,
     )

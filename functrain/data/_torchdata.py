@@ -1,0 +1,151 @@
+"""Every read of torchdata's private internals, in one place, each with its fallback.
+
+The pipeline is built from ``torchdata.nodes``' public nodes (``BaseNode``, ``ParallelMapper``,
+``PinMemory``, ``Prefetcher``). Two things the loader needs have no public API in torchdata 0.11:
+
+- stopping a pipeline whose stream has no end (``Loader.close``): the nodes stop their threads and
+  worker processes only at the end of their stream, or when they are garbage-collected;
+- noticing that a worker process died: a ``ParallelMapper`` then waits forever for its output.
+
+For both, this module reads the attributes that torchdata 0.11 sets on the nodes' running
+iterators (listed in :data:`THREAD_ATTRIBUTES` and :data:`MAPPER_ATTRIBUTES`). It checks that all
+of them are there before touching any, so a torchdata that keeps them elsewhere is detected rather
+than crashed on, and the callers fall back:
+
+- ``Loader.close`` ends the stream at its source and runs the pipeline out (public behaviour: each
+  node stops its threads and processes at the end of its stream), with a ``RuntimeWarning``;
+- a process-mode loader refuses to start, with an error that names the torchdata version and what
+  to do (threads, or the supported torchdata), instead of risking a hang on a dead worker.
+
+``pyproject.toml`` bounds torchdata to ``>=0.11,<0.12`` while these internals are read; the tests
+in ``tests/test_private_apis.py`` check the attributes on a running pipeline and both fallbacks.
+"""
+
+from __future__ import annotations
+
+import queue
+import warnings
+from typing import Any
+
+import torchdata
+
+SUPPORTED = "torchdata>=0.11,<0.12"  # pyproject.toml's requirement: the versions these internals were read from
+VERSION = getattr(torchdata, "__version__", "of unknown version")
+
+# Prefetcher._it and PinMemory._it (torchdata 0.11: _SingleThreadedMapper): the one thread and its stop event.
+THREAD_ATTRIBUTES = ("_stop_event", "_thread")
+# ParallelMapper._it (_ParallelMapperImpl)._it (_ParallelMapperIter): the reader and sorter threads
+# and their stop event, the workers (threads or processes), their stop event and their input queue.
+MAPPER_ATTRIBUTES = ("_stop", "_mp_stop", "_read_thread", "_sort_thread", "_in_q", "_workers")
+
+
+class _Unknown:
+    """The internals are not where torchdata 0.11 keeps them."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Any = _Unknown()
+
+
+def _running(owner: Any, attributes: tuple[str, ...]) -> Any:
+    """``owner._it`` (a node's running iterator) if it has every one of ``attributes``; ``None`` when
+    the node has not started; :data:`UNKNOWN` when the layout is not torchdata 0.11's."""
+    if not hasattr(owner, "_it"):
+        return UNKNOWN
+    it = owner._it
+    if it is None:
+        return None
+    return it if all(hasattr(it, name) for name in attributes) else UNKNOWN
+
+
+def thread_iterator(node: Any) -> Any:
+    """A ``Prefetcher``'s or ``PinMemory``'s running iterator, ``None`` or :data:`UNKNOWN`."""
+    return _running(node, THREAD_ATTRIBUTES)
+
+
+def mapper_iterator(mapper: Any) -> Any:
+    """A ``ParallelMapper``'s (``num_workers > 0``) running iterator, ``None`` or :data:`UNKNOWN`."""
+    impl = getattr(mapper, "_it", None)  # made in ParallelMapper.__init__: never None in 0.11
+    return UNKNOWN if impl is None else _running(impl, MAPPER_ATTRIBUTES)
+
+
+def stop(threaded: list[Any], mapper: Any | None) -> bool:
+    """Stops the pipeline's threads and worker processes now, through torchdata 0.11's internals.
+
+    ``threaded``: the ``Prefetcher`` / ``PinMemory`` nodes; ``mapper``: the ``ParallelMapper`` when
+    it has workers, else ``None``. Returns ``False``, having touched nothing, when the internals are
+    not where torchdata 0.11 keeps them: the caller then falls back to running the stream out.
+    """
+    iterators = [thread_iterator(node) for node in threaded]
+    mapper_it = None if mapper is None else mapper_iterator(mapper)
+    if any(it is UNKNOWN for it in (*iterators, mapper_it)):
+        return False
+    for it in iterators:
+        if it is not None:
+            it._stop_event.set()
+    if mapper_it is not None:
+        # The threads reading from the workers stop first: a tensor from a worker process is
+        # fetched from that process while it is unpickled, so the worker must outlive the reader.
+        mapper_it._stop.set()
+        for thread in (mapper_it._read_thread, mapper_it._sort_thread):
+            if thread.is_alive():
+                thread.join(timeout=1)
+        mapper_it._mp_stop.set()
+        _drain(mapper_it._in_q)  # workers leave once the stop is set and their input queue is empty
+        for worker in mapper_it._workers:
+            worker.join(timeout=5)
+            if worker.is_alive() and hasattr(worker, "terminate"):
+                worker.terminate()
+                worker.join(timeout=1)
+    for it in iterators:
+        if it is not None and it._thread.is_alive():
+            it._thread.join(timeout=5)
+    return True
+
+
+def dead_worker(mapper: Any) -> Any | None:
+    """A worker of the running ``mapper`` that is no longer alive, after stopping the mapper's
+    reader threads (its iterator then ends instead of waiting forever for that worker's output);
+    ``None`` while every worker lives, or when nothing runs, the mapper is stopping, or its
+    internals are not torchdata 0.11's (a process-mode loader then refuses to start)."""
+    it = mapper_iterator(mapper)
+    if it is None or it is UNKNOWN or it._stop.is_set() or it._mp_stop.is_set():
+        return None
+    for worker in it._workers:
+        if not worker.is_alive():
+            it._stop.set()
+            return worker
+    return None
+
+
+def _drain(q: Any) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+    except (OSError, ValueError):  # a multiprocessing queue already closed
+        pass
+
+
+def warn_ran_out() -> None:
+    """The warning for ``Loader.close``'s fallback."""
+    warnings.warn(
+        f"functrain.data: torchdata {VERSION} does not keep its pipeline's threads where torchdata 0.11 did, so "
+        "Loader.close() stopped the pipeline by running it to the end of its stream (the batches in flight were "
+        f"loaded and dropped). functrain.data is tested with {SUPPORTED}: install that, or a functrain release "
+        f"that supports torchdata {VERSION}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def process_workers_unsupported() -> RuntimeError:
+    """The error for a process-mode loader when the mapper's internals are not torchdata 0.11's."""
+    return RuntimeError(
+        "make_loader: worker_method='process' needs torchdata 0.11's ParallelMapper internals to notice a worker "
+        f"process that dies (torchdata waits forever for its output), and torchdata {VERSION} keeps them "
+        f"elsewhere. Use worker_method='thread', or install the torchdata functrain supports ({SUPPORTED})."
+    )
