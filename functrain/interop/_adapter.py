@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree
-from ..base import GradientTransformation
+from ..base import GradientTransformation, update_and_apply
 from ..wrappers import InjectHyperparamsState
 
 
@@ -130,9 +130,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(f"TorchOptimizer: parameter '{name}' has a sparse gradient, which is not supported")
             grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.detach()
-        updates, self.opt_state = self.tx.update(grads, self.opt_state, self._params())
-        # params + updates in the parameter's dtype, as ft.apply_updates computes it, but in place.
-        torch._foreach_add_(list(tensors), [updates[name].to(p.dtype) for name, p in zip(self._names, tensors)])
+        # A torch.optim step updates its parameters and state in place: donate both to tx's fast path
+        # (the reference adds the updates into the parameters, in each one's dtype).
+        _, self.opt_state = update_and_apply(self.tx, grads, self.opt_state, self._params(), donate=True)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
