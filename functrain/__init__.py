@@ -31,6 +31,8 @@ from .checkpoint import (
     save_weights as save_weights,
 )
 from .combine import (
+    MaskedState as MaskedState,
+    PartitionState as PartitionState,
     chain as chain,
     freeze as freeze,
     masked as masked,
@@ -75,6 +77,7 @@ from .step import (
 )
 from .transforms import clip as clip, clip_by_global_norm as clip_by_global_norm, reduce_on_plateau as reduce_on_plateau
 from .wrappers import (
+    ScheduleState as ScheduleState,
     accumulate as accumulate,
     accumulate_has_updated as accumulate_has_updated,
     apply_if_finite as apply_if_finite,
@@ -93,10 +96,13 @@ __all__ = [
     "Hyperparameter",
     "Loop",
     "LossScaleState",
+    "MaskedState",
     "MeanMetrics",
     "OptState",
     "Params",
+    "PartitionState",
     "Schedule",
+    "ScheduleState",
     "TorchOptimizer",
     "TrainState",
     "Updates",

@@ -13,8 +13,10 @@ from ..base import GradientTransformation, Params, register_state, step_count
 
 cast = _tree.scalar_for
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, torch.optim.Muon's default
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""The Newton-Schulz quintic's coefficients ``(a, b, c)``: Keller Jordan's, torch.optim.Muon's default."""
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
+"""The values ``adjust_lr_fn`` takes: torch.optim.Muon's, and ``"spectral_unclamped"``."""
 
 
 def _addmm(input: Tensor, mat1: Tensor, mat2: Tensor, beta, alpha) -> Tensor:
