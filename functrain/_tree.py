@@ -15,7 +15,11 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+try:  # torch.optim's own grouping: private, and it has moved once already
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+except ImportError:  # pragma: no cover - exercised by monkeypatching _HAS_FOREACH
+    _group_tensors_by_device_and_dtype = None
 
 Tree = Any
 
@@ -111,10 +115,20 @@ def tracing() -> bool:
 
 # ----------------------------------------------------------------------------- the multi-tensor path
 
+# Every private multi-tensor op the fast paths call. Without one of them, or without torch's grouping
+# helper, the fast paths are off and the per-leaf reference runs: slower, never wrong.
+_FOREACH_OPS = (
+    "add", "add_", "addcmul_", "clamp_max_", "clamp_min", "div", "div_", "lerp", "maximum", "mul", "mul_",
+    "norm", "sqrt", "sqrt_", "sub",
+)  # fmt: skip
+_HAS_FOREACH = _group_tensors_by_device_and_dtype is not None and all(
+    hasattr(torch, f"_foreach_{op}") for op in _FOREACH_OPS
+)
+
 
 def fast_path_ok(tree_leaves: Sequence[Tensor]) -> bool:
     """Whether the ``torch._foreach_*`` path may run: plain eager mode, nothing to differentiate."""
-    if not tree_leaves or tracing():
+    if not _HAS_FOREACH or not tree_leaves or tracing():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tree_leaves))
 
@@ -308,7 +322,7 @@ def device_dtype_groups(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
     """``tensors`` grouped by (device, dtype), groups in the order torch's multi-tensor code uses
     (so a reduction over the groups adds in the same order as ``torch.nn.utils``); under
     ``torch.compile`` or a functorch transform, in order of first appearance."""
-    if tracing():
+    if tracing() or not _HAS_FOREACH:
         groups: dict[tuple, list[Tensor]] = {}
         for t in tensors:
             groups.setdefault((t.device, t.dtype), []).append(t)

@@ -20,7 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
+
+try:  # traceable collectives (private, but DTensor and FSDP2 are built on them)
+    import torch.distributed._functional_collectives as funcol
+except ImportError:  # pragma: no cover - exercised by monkeypatching funcol
+    funcol = None
 from torch import Tensor
 
 from . import _tree, _validate
@@ -75,7 +79,12 @@ def _check_bucket_cap(owner: str, bucket_cap_mb: Any) -> None:
 def _mean_flat(tensors: list[Tensor], group: Any) -> list[Tensor]:
     """All-reduce (sum) ``tensors`` of one dtype and device in one collective, then divide by the world size."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    total = funcol.all_reduce(flat, "sum", group) / dist.get_world_size(group)
+    if funcol is not None:
+        total = funcol.all_reduce(flat, "sum", group)
+    else:  # the public in-place collective, on the buffer cat just made (eager only: it breaks a graph)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        total = flat
+    total = total / dist.get_world_size(group)
     return [part.view_as(t) for part, t in zip(total.split([t.numel() for t in tensors]), tensors)]
 
 

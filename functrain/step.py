@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -480,10 +481,22 @@ def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
     if "mode" in options and "options" in options:
         return options  # (given both, the options are left for torch.compile to refuse)
     # Imported here: importing inductor takes over a second, which only a compiled step should pay.
-    from torch._inductor import list_mode_options
+    # The hooks are private inductor API: if they moved, the opt-in is lost with a warning, never the step.
+    try:
+        from torch._inductor import config, list_mode_options
 
-    from ._gemm import GEMM_PASS
+        from ._gemm import GEMM_PASS
 
+        missing = None if hasattr(config, "post_grad_custom_post_pass") else "inductor's post_grad_custom_post_pass"
+    except ImportError as error:
+        missing = str(error)
+    if missing is not None:
+        warnings.warn(
+            f"compile['cpu_gemm']='fastest' is unavailable in this torch ({missing}); every GEMM stays on ATen",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return options
     mode = options.pop("mode", None)
     inductor = dict(list_mode_options(mode, options.get("dynamic")) if mode else options.get("options") or {})
     inductor.setdefault("post_grad_custom_post_pass", GEMM_PASS)

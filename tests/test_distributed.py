@@ -94,8 +94,15 @@ def eager_scenario(rank):
         "tiny_buckets": train(tiny_buckets, False, rank).params,
         "bn_local_mean": bn_local.buffers["1.running_mean"],
         "bn_synced_mean": bn_mean.buffers["1.running_mean"],
-        "adam_mu": bn_mean.opt_state[1][0].mu,
+        "adam_mu": bn_mean.opt_state[1].inner_state[0].mu,
     }
+
+
+def public_collective_scenario(rank):
+    """Without torch's private functional collectives, the public in-place all-reduce runs (eager)."""
+    ft.distributed.funcol = None  # this spawned process only
+    tx = ft.chain(ft.distributed.sync_gradients(), ft.adamw(lr=1e-2, weight_decay=0.1))
+    return {"params": train(tx, False, rank).params}
 
 
 def compiled_scenario(rank):
@@ -128,6 +135,13 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     # BatchNorm statistics: kept per rank by default, averaged with reduce_buffers=mean_over_ranks.
     assert not torch.equal(ranks[0]["bn_local_mean"], ranks[1]["bn_local_mean"])
     torch.testing.assert_close(ranks[0]["bn_synced_mean"], ranks[1]["bn_synced_mean"], rtol=0, atol=0)
+
+
+def test_without_functional_collectives_two_ranks_still_equal_one_process(tmp_path):
+    ranks = run_on_two_ranks(public_collective_scenario, tmp_path)
+    single = train(ft.adamw(lr=1e-2, weight_decay=0.1), False).params
+    for r in ranks:
+        assert relative_error(r["params"], single) <= 1e-6
 
 
 @pytest.mark.slow

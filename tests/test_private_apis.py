@@ -261,3 +261,65 @@ def test_beta_gamma_and_dirichlet_draws_are_redirected():
             )
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert torch.equal(torch.get_rng_state(), state), "a draw went to torch's global generator"
+
+
+# ----------------------------------------------------------------------------- torch fallbacks outside functrain.data
+
+
+def _eager_run(make, steps=3):
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    tx = make()
+    state = tx.init(params)
+    for _ in range(steps):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        params = ft.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ft.chain(ft.clip_by_global_norm(0.5), ft.adam(lr=0.1, weight_decay=0.1)),
+        lambda: ft.rmsprop(lr=0.01, momentum=0.9, centered=True),
+        lambda: ft.sgd(lr=0.1, momentum=0.9, nesterov=True),
+    ],
+    ids=["clip-adam", "rmsprop", "sgd"],
+)
+def test_without_torchs_foreach_ops_the_per_leaf_reference_runs(monkeypatch, make):
+    from functrain import _tree
+
+    expected = _eager_run(make)
+    monkeypatch.setattr(_tree, "_HAS_FOREACH", False)
+    for op in ("_foreach_add", "_foreach_mul", "_foreach_norm", "_foreach_lerp"):
+        monkeypatch.delattr(torch, op)  # a call that slipped past the check would now fail
+    assert not _tree.fast_path_ok([torch.ones(2)])
+    actual = _eager_run(make)
+    for k in expected:
+        torch.testing.assert_close(actual[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_without_torchs_assert_async_apply_if_finite_still_raises_in_eager_mode(monkeypatch):
+    from functrain.wrappers import _finite
+
+    monkeypatch.setattr(_finite, "_ASSERT_ASYNC", None)
+    tx = ft.apply_if_finite(ft.sgd(lr=0.1), max_consecutive_errors=1)
+    params = {"w": torch.ones(2)}
+    state = tx.init(params)
+    nan = {"w": torch.full((2,), float("nan"))}
+    updates, state = tx.update(nan, state, params)  # one non-finite step is allowed
+    assert torch.equal(updates["w"], torch.zeros(2))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        tx.update(nan, state, params)
+
+
+def test_without_inductors_pass_hooks_the_gemm_opt_in_warns_and_stays_on_aten(monkeypatch):
+    import sys
+
+    from functrain.step import _with_gemm_pass
+
+    monkeypatch.setitem(sys.modules, "functrain._gemm", None)  # importing it now raises ImportError
+    with pytest.warns(RuntimeWarning, match="every GEMM stays on ATen"):
+        options = _with_gemm_pass({"cpu_gemm": "fastest", "fullgraph": True})
+    assert options == {"fullgraph": True}

@@ -19,6 +19,18 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: OptState
 
 
+# A check without a host read (a device-side assert on a GPU, a graph op under compile); private, so
+# looked up once: without it an eager check reads the 0-d flag, and a traced one is skipped.
+_ASSERT_ASYNC = getattr(torch, "_assert_async", None)
+
+
+def _assert(ok: Tensor, message: str) -> None:
+    if _ASSERT_ASYNC is not None:
+        _ASSERT_ASYNC(ok, message)
+    elif not _tree.tracing() and not bool(ok):
+        raise RuntimeError(message)
+
+
 def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> GradientTransformation:
     """Runs ``tx`` but drops any step whose gradients or updates hold a NaN or an infinity.
 
@@ -77,7 +89,7 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
         # clipped norm) while its state has already taken the NaN in.
         finite = (_tree.all_finite(updates) & _tree.all_finite(inner_updates)).to(state.notfinite_count.device)
         notfinite_count = torch.where(finite, 0, state.notfinite_count + 1)
-        torch._assert_async(notfinite_count <= max_consecutive_errors, message)
+        _assert(notfinite_count <= max_consecutive_errors, message)
         return _tree.where_or_zero(finite, inner_updates), ApplyIfFiniteState(
             notfinite_count=notfinite_count,
             last_finite=finite,
