@@ -80,7 +80,7 @@ def named_chain(
         >>> tx = ft.named_chain(clip=ft.clip_by_global_norm(1.0), adam=ft.adam(lr=0.1))
         >>> params = {"w": torch.ones(3)}
         >>> state = tx.init(params)
-        >>> list(state), state["adam"][0].mu["w"].shape  # adam is itself a chain
+        >>> list(state), state["adam"].inner_state[0].mu["w"].shape  # adam: a ScheduleState around a chain
         (['clip', 'adam'], torch.Size([3]))
         >>> same = ft.named_chain(("clip", ft.clip_by_global_norm(1.0)), ("adam", ft.adam(lr=0.1)))
     """

@@ -52,7 +52,7 @@ def test_adafactor_factors_the_last_two_dims_of_higher_rank_tensors():
     params = {"k": torch.randn(2, 3, 4, 5, dtype=torch.float64), "m": torch.randn(6, 2, dtype=torch.float64)}
     tx = ft.adafactor(lr=0.05, weight_decay=0.1)
     state = tx.init(params)
-    assert state[0].row["k"].shape == (2, 3, 4, 1) and state[0].col["k"].shape == (2, 3, 1, 5)
+    assert state.inner_state[0].row["k"].shape == (2, 3, 4, 1) and state.inner_state[0].col["k"].shape == (2, 3, 1, 5)
     kwargs = {"lr": 0.05, "weight_decay": 0.1}
     assert (
         relative_error(run_functrain(tx, params, 10), run_reference(torch.optim.Adafactor, kwargs, params, 10)) <= 1e-12

@@ -85,7 +85,7 @@ def test_recipe_equals_the_imperative_loop():
     inner = state.inner_state  # accumulate -> apply_if_finite
     assert int(inner.total_notfinite) == 1 and int(state.gradient_step) == CALLS // MICRO
     adam_state = inner.inner_state[1].inner_states["train"].inner_state
-    assert "b" not in adam_state[0].mu  # the frozen group holds no optimiser state
+    assert "b" not in adam_state.inner_state[0].mu  # the frozen group holds no optimiser state
 
 
 def test_recipe_with_a_schedule_equals_torch_scheduler():

@@ -143,7 +143,7 @@ def test_a_schedule_makes_an_injected_state_that_advances():
         updates, state = tx.update({"w": torch.ones(1)}, state, params)
         steps.append(updates["w"].item())
     assert steps == pytest.approx([-0.1, -0.2, -0.3])
-    assert int(state.count) == 3 and float(state.hyperparams["lr"]) == pytest.approx(0.3)
+    assert int(state.count) == 3 and isinstance(state, ft.ScheduleState)  # schedules are not stored
 
 
 def test_injected_state_round_trips_weights_only():

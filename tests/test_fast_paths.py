@@ -104,7 +104,7 @@ def test_a_pure_fast_path_leaves_its_inputs_and_a_donated_one_writes_into_them()
     assert all(torch.equal(a, b) for a, b in zip(_tree.leaves((params, state)), _tree.leaves(before)))
     donated_params, donated_state = ft.update_and_apply(tx, grads[0], state, params, donate=True)
     assert all(donated_params[k] is params[k] for k in params)
-    assert all(donated_state[0].mu[k] is state[0].mu[k] for k in params)
+    assert all(donated_state.inner_state[0].mu[k] is state.inner_state[0].mu[k] for k in params)
     assert all(torch.equal(donated_params[k], new_params[k]) for k in params)  # the same kernel either way
 
 
@@ -193,7 +193,7 @@ def test_a_fast_path_that_falls_back_keeps_the_state_it_was_given():
         )
         for k in params:
             torch.testing.assert_close(new[k][i], expected[k], rtol=1e-5, atol=1e-6)
-    assert isinstance(state[0], ScaleByAdamState)
+    assert isinstance(state.inner_state[0], ScaleByAdamState)
 
 
 # ----------------------------------------------------------------------------- extra arguments from the step

@@ -177,7 +177,7 @@ def test_injected_hyperparameters_convert_with_the_count():
     _torch_steps(opt, tensors, range(HALF))
     tx = ft.inject_hyperparams(ft.adam)(lr=0.01, amsgrad=True)
     state = ft.opt_state_from_torch(tx, {k: v.detach() for k, v in tensors.items()}, opt)
-    assert state.count.item() == HALF and state.inner_state[0].count.item() == HALF
+    assert state.count.item() == HALF and state.inner_state.inner_state[0].count.item() == HALF
     _, ours = _functrain_steps(tx, state, {k: v.detach() for k, v in tensors.items()}, range(HALF, 2 * HALF))
     expected = run_reference(torch.optim.Adam, {"lr": 0.01, "amsgrad": True}, params, 2 * HALF)
     assert relative_error(ours, expected) <= 1e-7
@@ -264,7 +264,7 @@ def test_missing_step_count_is_asked_for():
     tx = ft.rmsprop()
     state, _ = _functrain_steps(tx, tx.init(params), params, range(2))
     with pytest.raises(ValueError, match="pass step="):
-        ft.load_into_torch(torch.optim.RMSprop(list(_leaf_tensors(params).values())), state, params)
+        ft.load_into_torch(torch.optim.RMSprop(list(_leaf_tensors(params).values())), state.inner_state, params)
 
 
 def test_params_must_match_the_optimizer():

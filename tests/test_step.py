@@ -184,11 +184,11 @@ def test_eager_inplace_adam_writes_the_moments_where_they_lie():
     model = mlp()
     tx = ft.adamw(lr=1e-2)
     state = snapshot(ft.TrainState.create(model, tx))
-    mu = state.opt_state[0].mu
+    mu = state.opt_state.inner_state[0].mu
     pointers = [t.data_ptr() for t in mu.values()]
     step = ft.make_train_step(model, classification, tx, inplace=True)
     new, _ = step(state, batches(1)[0])
-    assert new.opt_state[0].mu is mu and [t.data_ptr() for t in mu.values()] == pointers
+    assert new.opt_state.inner_state[0].mu is mu and [t.data_ptr() for t in mu.values()] == pointers
     assert any(bool(t.ne(0).any()) for t in mu.values())
 
 
@@ -590,7 +590,7 @@ def test_frozen_parameters_are_not_trained_and_hold_no_optimiser_state():
     tx = ft.adamw(lr=1e-2, weight_decay=0.1)
     state = ft.TrainState.create(model, tx)
     assert "0.weight" not in state.params and "0.weight" in state.buffers
-    assert "0.weight" not in state.opt_state[0].mu
+    assert "0.weight" not in state.opt_state.inner_state[0].mu
     state, _ = run_steps(ft.make_train_step(model, classification, tx), state, data)
     reference = mlp(batchnorm=False)
     reference[0].weight.requires_grad_(False)

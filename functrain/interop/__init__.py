@@ -18,8 +18,8 @@ differ in three ways that the conversion bridges:
   transform (a 0-d int64 tensor). Every ``count`` field is set from the common torch step, and the
   conversion refuses states whose per-parameter steps differ (parameters that missed gradients),
   since a shared count cannot represent them, unless ``tx`` keeps no state for those parameters
-  (e.g. ``ft.set_to_zero()`` for them in a ``partition``). Where one side keeps no count (torch.optim.SGD and
-  Muon; functrain's adadelta, rmsprop, rprop and adagrad without ``lr_decay``) pass ``step=``.
+  (e.g. ``ft.set_to_zero()`` for them in a ``partition``). Where torch keeps no count (SGD and Muon)
+  pass ``step=``; every functrain optimiser keeps one (its ``ScheduleState.count``).
 - torch.optim creates most states lazily at the first step; a functrain state exists from ``init``.
   A torch optimiser without state converts to ``tx.init(params)``, and a functrain state with count
   0 converts to no torch state (Adagrad, whose state torch builds eagerly, excepted).

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _tree, optimisers
 from ..base import EmptyState, GradientTransformation, OptState, Params
 from ..combine import MaskedState, PartitionState, partition
-from ..wrappers import InjectHyperparamsState, is_hyperparameter, signature_of
+from ..wrappers import InjectHyperparamsState, ScheduleState, is_hyperparameter, signature_of
 from ._tables import _DERIVED, _Field, _Mirror, _mirror_of, _scalar_dtype, _torch_name
 
 # ----------------------------------------------------------------------------- parameters and groups
@@ -90,7 +90,7 @@ def _per_param_names(state: Any) -> list[str]:
         if isinstance(node, PartitionState):
             for inner in node.inner_states.values():
                 visit(inner)
-        elif isinstance(node, (InjectHyperparamsState, MaskedState)):
+        elif isinstance(node, (InjectHyperparamsState, ScheduleState, MaskedState)):
             visit(node.inner_state)
         elif _is_namedtuple(node):
             for field, value in zip(node._fields, node):
@@ -108,7 +108,7 @@ def _per_param_names(state: Any) -> list[str]:
 
 
 class _Count(NamedTuple):
-    """Stands for the count of a wrapper state (``InjectHyperparamsState``) while walking."""
+    """Stands for the count of a wrapper state (``InjectHyperparamsState``, ``ScheduleState``) while walking."""
 
     count: Tensor
 
@@ -132,6 +132,9 @@ def _walk(node: Any, path: str, scope: list[str], on_state: Callable[[Any, str, 
         count = on_state(_Count(node.count), path, scope).count
         inner = _walk(node.inner_state, f"{path}.inner_state", scope, on_state)
         return InjectHyperparamsState(count, node.hyperparams, inner)
+    if isinstance(node, ScheduleState):  # every optimiser's: its count (the schedules' position) is converted
+        count = on_state(_Count(node.count), path, scope).count
+        return ScheduleState(count, _walk(node.inner_state, f"{path}.inner_state", scope, on_state))
     if _is_namedtuple(node):
         return on_state(node, path, scope)
     if isinstance(node, (tuple, list)):
@@ -201,7 +204,7 @@ def opt_state_from_torch(
         >>> opt = torch.optim.Adam([w], lr=0.1)
         >>> w.grad = torch.tensor([0.5, -3.0]); opt.step()
         >>> state = ft.opt_state_from_torch(ft.adam(lr=0.1), {"w": w.detach()}, opt)
-        >>> state[0].count, state[0].mu["w"]
+        >>> state.count, state.inner_state[0].mu["w"]
         (tensor(1), tensor([ 0.0500, -0.3000]))
     """
     mirror = _mirror_of(optimizer)
@@ -382,9 +385,9 @@ def load_into_torch(
         opt_state: the functrain state, e.g. of ``ft.adamw(...)``, possibly inside
             ``inject_hyperparams`` or ``partition``.
         params: the params the state belongs to (their names are the state's keys).
-        step: the number of steps taken, needed where the functrain state keeps no count but torch
-            does (adadelta, rmsprop, rprop, adagrad without ``lr_decay``); when the state has a
-            count, it must agree.
+        step: the number of steps taken, needed only where the functrain state keeps no count but
+            torch does (a bare chain of transforms; every ``ft`` optimiser's ``ScheduleState``
+            counts its updates); when the state has a count, it must agree.
 
     Raises:
         ValueError: the state lacks a key that the optimiser's options need (e.g.

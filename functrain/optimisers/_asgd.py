@@ -85,7 +85,7 @@ def asgd(
         >>> updates, state = tx.update({"w": torch.tensor([0.5, -3.0])}, state, params)
         >>> ft.apply_updates(params, updates)["w"]
         tensor([ 0.9500, -1.7000])
-        >>> state[-1].ax["w"]  # before t0 the average is the latest parameters
+        >>> state.inner_state[-1].ax["w"]  # before t0 the average is the latest parameters
         tensor([ 0.9500, -1.7000])
 
     References:

@@ -15,6 +15,7 @@ from ._ema import EmaParamsState as EmaParamsState, ema_params as ema_params, em
 from ._finite import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
 from ._inject import (
     InjectHyperparamsState as InjectHyperparamsState,
+    ScheduleState as ScheduleState,
     hyperparams as hyperparams,
     inject_hyperparams as inject_hyperparams,
     is_hyperparameter as is_hyperparameter,
@@ -30,6 +31,7 @@ __all__ = [
     "EmaParamsState",
     "InjectHyperparamsState",
     "LookaheadState",
+    "ScheduleState",
     "accumulate",
     "accumulate_has_updated",
     "apply_if_finite",

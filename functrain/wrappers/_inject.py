@@ -401,35 +401,100 @@ def _replacement(name: str, value: Any, old: Any) -> Any:
 # ----------------------------------------------------------------------------- schedulable
 
 
+@register_state
+class ScheduleState(NamedTuple):
+    """State of every optimiser built by a :func:`schedulable` factory (``ft.adam(...)``, ...), whatever
+    its arguments: floats, 0-d tensors or schedules. Schedules are evaluated at ``count`` and not
+    stored, so the structure never depends on which arguments are scheduled."""
+
+    count: Tensor  # updates done so far: the position of every schedule (0-d int64, on the params' device)
+    inner_state: OptState  # the state of the plain transformation the factory builds
+
+
 def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
     """Lets every numeric hyperparameter of ``factory`` be a schedule of the step count.
 
-    Transforms take floats and 0-d tensors; when a call passes a schedule for a numeric
-    hyperparameter (:func:`is_hyperparameter`; a ``mask`` function is not one), the factory is
-    driven through :func:`inject_hyperparams` with just the scheduled arguments injected, so each
-    update rebuilds it with the schedules' current values. Calls without schedules return the
-    plain transformation.
+    The returned factory builds a transformation whose state is always ``ScheduleState(count,
+    inner_state)``: ``count`` is the number of updates done (the position of every schedule) and
+    ``inner_state`` the state of ``factory``'s own transformation. The structure is the same whether
+    a hyperparameter is a float, a 0-d tensor or a schedule (:func:`is_hyperparameter`; a ``mask``
+    function is not one), so a checkpoint of a constant-rate run loads into a scheduled one.
+
+    Without schedules, ``factory``'s transformation is built once and driven as it is, its declared
+    fast path included. With schedules, it is built again for each update, with each scheduled
+    argument's value at ``count`` as a 0-d float64 tensor on the count's device (a tuple such as
+    ``betas`` with one scheduled item passes all its items so), so a compiled step does not
+    recompile as the values change. ``factory``'s own validation runs once when the transformation
+    is built, on the initial values (schedules at count 0).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> constant = ft.adam(lr=0.1).init(params)
+        >>> scheduled = ft.adam(lr=ft.schedules.linear_lr(0.1, total_iters=10)).init(params)
+        >>> type(constant).__name__, constant.count, type(constant.inner_state[0]).__name__
+        ('ScheduleState', tensor(0), 'ScaleByAdamState')
+        >>> torch.utils._pytree.tree_structure(constant) == torch.utils._pytree.tree_structure(scheduled)
+        True
     """
     signature = signature_of(factory)
+    # How each argument is passed, as plain tuples: a scheduled factory is called again inside a
+    # traced update, where torch.compile cannot look through inspect's objects.
+    layout = tuple((p.name, p.kind) for p in signature.parameters.values())
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:
         if not any(_has_schedule(v) for v in (*args, *kwargs.values())):
             # The common case, and the only one inside a traced update (inject_hyperparams passes
             # tensors): no signature work, which torch.compile cannot trace through.
-            return factory(*args, **kwargs)
+            return _counted(factory(*args, **kwargs))
         bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # every argument present, so _arguments places each where it belongs
         scheduled = {
-            name
+            name: value
             for name, value in bound.arguments.items()
             if is_hyperparameter(signature.parameters[name], value) and _has_schedule(value)
         }
         if not scheduled:
+            return _counted(factory(*args, **kwargs))
+        static = {name: value for name, value in bound.arguments.items() if name not in scheduled}
+
+        def at(count: Tensor) -> GradientTransformation:
+            values = _as_tensors(_values_at(scheduled, count, scheduled), count.device)
+            args, kwargs = _arguments(layout, {**static, **values})
             return factory(*args, **kwargs)
-        static = [name for name in signature.parameters if name not in scheduled]
-        return inject_hyperparams(factory, static_args=static)(*args, **kwargs)
+
+        # The factory's own checks, once, on the schedules' values at count 0; the result also
+        # says whether the transformation built from tensors declares a fast path.
+        probe = at(torch.zeros((), dtype=torch.int64))
+        return _driven(at, offered=probe.update_and_apply is not None)
 
     return build
+
+
+def _counted(tx: GradientTransformation) -> GradientTransformation:
+    """``tx`` with its state inside a ``ScheduleState``: the structure of a scheduled one."""
+    return _driven(lambda count: tx, offered=tx.update_and_apply is not None)
+
+
+def _driven(at: Callable[[Tensor], GradientTransformation], offered: bool) -> GradientTransformation:
+    """The transformation that runs ``at(count)``, the inner transformation at the state's count."""
+
+    def init(params):
+        count = step_count(params)
+        return ScheduleState(count, at(count).init(params))
+
+    def update(updates, state, params=None, **extra):
+        updates, inner_state = at(state.count).update(updates, state.inner_state, params, **extra)
+        return updates, ScheduleState(state.count + 1, inner_state)
+
+    def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
+        params, inner_state = update_and_apply(
+            at(state.count), updates, state.inner_state, params, donate=donate, **extra
+        )
+        return params, ScheduleState(state.count + 1, inner_state)
+
+    return GradientTransformation(init, update, update_and_apply_inner if offered else None)
 
 
 def _has_schedule(value: Any) -> bool:
