@@ -25,6 +25,14 @@ def _readable(value: Tensor) -> bool:
     return value.device.type == "cpu" and not _tree.tracing()
 
 
+def _checked_already() -> bool:
+    """Whether a factory runs again inside a traced update (``inject_hyperparams`` rebuilds the
+    transform there), its arguments checked when it was first built. A host-side check there could
+    even break the graph: dynamo turns a Python number that differs between two compiles of the same
+    code into a symbolic one, and every training step shares its code."""
+    return _tree.tracing()
+
+
 def _number(value: Any) -> float | None:
     """The value as a float, or None when there is nothing to check now (a schedule, an unreadable tensor)."""
     if callable(value):
@@ -52,8 +60,11 @@ def in_range(
 ) -> None:
     """Raises ``ValueError("<owner>: <name> must be in [low, high), got <value>")`` when outside.
 
-    ``low``/``high`` of None mean unbounded; ``*_open`` excludes the bound itself.
+    ``low``/``high`` of None mean unbounded; ``*_open`` excludes the bound itself. Nothing is
+    checked while tracing (see :func:`_checked_already`).
     """
+    if _checked_already():
+        return
     try:
         x = _number(value)
     except (TypeError, ValueError) as error:
@@ -89,6 +100,8 @@ def not_a_schedule(owner: str, name: str, value: Any) -> None:
 def integer(owner: str, name: str, value: Any, low: int, high: int | None = None) -> int:
     """Returns ``value`` as an int in ``[low, high]``: TypeError for anything but an int (a bool
     included), ValueError naming the allowed range otherwise."""
+    if _checked_already():
+        return value
     allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be {allowed}, got {type(value).__name__}: {value!r}")

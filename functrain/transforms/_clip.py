@@ -77,7 +77,14 @@ def global_norm(tree: Updates, norm_type: float | str = 2.0) -> Tensor:
         >>> ft.transforms.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([[4.0]])})
         tensor(5.)
     """
-    norm_type = _norm_order("global_norm", norm_type)
+    return _global_norm(tree, _norm_order("global_norm", norm_type))
+
+
+def _global_norm(tree: Updates, order: float) -> Tensor:
+    """:func:`global_norm` for an ``order`` already checked. A transform's update calls this one: a
+    host-side check of a Python float inside a compiled step breaks the graph when dynamo has come to
+    treat that float as a variable (it does so per code location, and every step shares its code)."""
+    norm_type = order
     flat = _tree.leaves(tree)
     if not flat:
         return torch.tensor(0.0)
@@ -131,7 +138,7 @@ def clip_by_global_norm(max_norm: float | Tensor, norm_type: float | str = 2.0) 
         flat = _tree.leaves(updates)
         if not flat:
             return updates, state
-        total = global_norm(updates, norm_type)
+        total = _global_norm(updates, norm_type)
         # `max_norm / x` is `x.reciprocal() * max_norm` for a Python float (Tensor.__rtruediv__),
         # which is how torch computes it; a tensor max_norm takes the same route.
         coefficient = torch.clamp((total + 1e-6).reciprocal() * _tree.scalar_for(max_norm, total), max=1.0)
