@@ -58,7 +58,7 @@ def test_frozen_group_holds_no_state_and_does_not_move():
     state = tx.init(params)
     assert state.inner_states["frozen"] == ft.EmptyState()
     state_elements = sum(leaf.numel() for leaf in _tree.leaves(state.inner_states["train"]))
-    assert state_elements == 2 * params["head.weight"].numel() + 1  # mu, nu and the step count
+    assert state_elements == 2 * params["head.weight"].numel() + 2  # mu, nu, adam's and the schedule's counts
     new = run_functrain(tx, params, 5)
     assert torch.equal(new["backbone.weight"], params["backbone.weight"])
     assert not torch.equal(new["head.weight"], params["head.weight"])
@@ -224,7 +224,7 @@ def test_masked_applies_the_transform_to_the_selected_leaves_only():
     selected = {k: v for k, v in params.items() if v.ndim >= 2}
     alone = ft.adam(lr=0.1)
     state, alone_state = tx.init(params), alone.init(selected)
-    assert state_elements(state) == state_elements(alone_state) == 2 * sum(v.numel() for v in selected.values()) + 1
+    assert state_elements(state) == state_elements(alone_state) == 2 * sum(v.numel() for v in selected.values()) + 2
     for t in range(5):
         grads = gradient(params, t)
         updates, state = tx.update(grads, state, params)
@@ -293,15 +293,15 @@ def test_freezing_with_no_optimiser_state_for_the_frozen_leaves():
         {"train": ft.adamw(lr=0.1), "frozen": ft.set_to_zero()}, lambda n, p: "frozen" if frozen(n, p) else "train"
     )
     trained_numel = sum(v.numel() for v in params.values() if v.ndim >= 2)
-    assert state_elements(masked_spelling.init(params)) == 2 * trained_numel + 1  # mu, nu, the step count
-    assert state_elements(partition_spelling.init(params)) == 2 * trained_numel + 1
+    assert state_elements(masked_spelling.init(params)) == 2 * trained_numel + 2  # mu, nu, the two counts
+    assert state_elements(partition_spelling.init(params)) == 2 * trained_numel + 2
     a, b = run_functrain(masked_spelling, params, 5), run_functrain(partition_spelling, params, 5)
     assert relative_error(a, b) == 0.0
     assert all(torch.equal(a[k], params[k]) for k in params if params[k].ndim < 2)
 
     all_numel = sum(v.numel() for v in params.values())
     for full_state in (ft.chain(ft.adamw(lr=0.1), ft.freeze(frozen)), ft.chain(ft.freeze(frozen), ft.adamw(lr=0.1))):
-        assert state_elements(full_state.init(params)) == 2 * all_numel + 1
+        assert state_elements(full_state.init(params)) == 2 * all_numel + 2
     # Freezing before AdamW: the zeroed gradients leave Adam's moments at zero, but decoupled weight decay
     # still shrinks the frozen params.
     decayed = run_functrain(ft.chain(ft.freeze(frozen), ft.adamw(lr=0.1, weight_decay=0.1)), params, 3)

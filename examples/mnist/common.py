@@ -49,7 +49,8 @@ def loss_fn(model: nn.Module, batch):
 
 
 def make_optimiser(total_steps: int, lr: float, distributed: bool) -> ft.GradientTransformation:
-    """AdamW with a linear warm-up and cosine decay (the scheduled lr shows up in the logs as ``lr``).
+    """AdamW with a linear warm-up and cosine decay. The lr is injected (kept in the state, which a
+    schedule alone is not), so the loop logs its value as ``lr``.
 
     In a data-parallel run the first link averages the gradients over the ranks; otherwise it is
     ``identity()``. Both hold an ``EmptyState``, so checkpoints have one layout either way and
@@ -58,7 +59,7 @@ def make_optimiser(total_steps: int, lr: float, distributed: bool) -> ft.Gradien
     schedule = ft.schedules.warmup_cosine(lr, warmup_steps=max(1, total_steps // 20), total_steps=total_steps)
     return ft.chain(
         ft.distributed.sync_gradients() if distributed else ft.identity(),
-        ft.adamw(lr=schedule, weight_decay=5e-4),
+        ft.inject_hyperparams(ft.adamw, static_args=("betas", "eps", "weight_decay"))(lr=schedule, weight_decay=5e-4),
     )
 
 
