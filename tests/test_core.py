@@ -311,10 +311,11 @@ def test_schedulable_only_schedules_numeric_hyperparameters():
     decay = ft.transforms.add_decayed_weights(0.1, mask=lambda name, p: p.ndim >= 2)
     assert not isinstance(decay.init({"w": torch.ones(2, 2)}), InjectHyperparamsState)
     is_hp = ft.wrappers._inject.is_hyperparameter
-    params = inspect.signature(ft.muon).parameters
+    signature_of = ft.wrappers.signature_of  # annotations evaluated, as inject_hyperparams reads them
+    params = signature_of(ft.muon).parameters
     assert is_hp(params["lr"], 1) and is_hp(params["lr"], lambda c: c) and not is_hp(params["ns_steps"], 5)
-    assert not is_hp(inspect.signature(ft.clip_by_global_norm).parameters["norm_type"], 2.0)
-    assert not is_hp(inspect.signature(ft.lookahead).parameters["tx"], ft.sgd(lr=0.1))
+    assert not is_hp(signature_of(ft.clip_by_global_norm).parameters["norm_type"], 2.0)
+    assert not is_hp(signature_of(ft.lookahead).parameters["tx"], ft.sgd(lr=0.1))
 
 
 @pytest.mark.slow

@@ -53,13 +53,28 @@ def _numeric_value(value: Any) -> bool:
 
 
 def signature_of(factory: Callable[..., Any]) -> inspect.Signature:
-    """``factory``'s signature with its annotations evaluated to types (``from __future__ import
-    annotations`` leaves them as strings). An annotation that cannot be evaluated (a name imported
-    only for type checkers) stays a string, which :func:`is_hyperparameter` treats as saying nothing."""
+    """``factory``'s signature with each parameter's annotation evaluated to types, in the factory's
+    own module (``from __future__ import annotations`` leaves them as strings). An annotation that
+    cannot be evaluated (a name imported only for type checkers) stays a string, which
+    :func:`is_hyperparameter` treats as saying nothing, and so do all of them when a factory is
+    wrapped inside a traced function, where evaluating code cannot be traced."""
+    signature = inspect.signature(factory)
+    if _tree.tracing():
+        return signature
+    namespace = getattr(inspect.unwrap(factory), "__globals__", {})
+    parameters = [p.replace(annotation=_evaluated(p.annotation, namespace)) for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters)
+
+
+def _evaluated(annotation: Any, namespace: dict[str, Any]) -> Any:
+    """A string annotation as the types it names (what ``inspect.signature(eval_str=True)`` does, one
+    parameter at a time, so that one unresolvable name leaves only its own annotation a string)."""
+    if not isinstance(annotation, str):
+        return annotation
     try:
-        return inspect.signature(factory, eval_str=True)
-    except (NameError, TypeError, SyntaxError, AttributeError):
-        return inspect.signature(factory)
+        return eval(annotation, dict(namespace))  # noqa: S307 - the factory's own annotation text
+    except Exception:  # noqa: BLE001 - any failure means "unknown", as documented
+        return annotation
 
 
 def _types_in(annotation: Any) -> set[Any]:
