@@ -71,3 +71,16 @@ def relative_error(actual: dict, expected: dict) -> float:
         a, e = actual[k].double(), expected[k].double()
         worst = max(worst, ((a - e).norm() / e.norm().clamp_min(1e-30)).item())
     return worst
+
+
+class Indices(torch.utils.data.Dataset):
+    """dataset[i] == i: the batches show which samples were drawn."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i

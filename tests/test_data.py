@@ -20,20 +20,9 @@ from torch.utils.data import DistributedSampler, default_collate
 import functrain as ft
 from functrain.data._rng import derive_seed
 
+from .harness import Indices
+
 # ----------------------------------------------------------------------------- datasets and helpers
-
-
-class Indices(torch.utils.data.Dataset):
-    """dataset[i] == i: the batches show which samples were drawn."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
 
 
 def images(n=24, size=10, channels=3, seed=0) -> ft.data.ImageLabelDataset:

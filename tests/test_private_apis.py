@@ -27,6 +27,8 @@ import functrain as ft
 from functrain.data import _torchdata
 from functrain.data._rng import _SAMPLERS, sample_rng
 
+from .harness import Indices
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "functrain"
 PAGE = ROOT / "docs" / "concepts" / "private-apis.md"
@@ -89,17 +91,6 @@ def test_the_torchdata_requirement_is_bounded_while_its_internals_are_read():
 
 
 # ----------------------------------------------------------------------------- torchdata's internals
-
-
-class Indices(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
 
 
 def started(num_workers: int, **kwargs) -> tuple[ft.data.Loader, list]:

@@ -255,41 +255,26 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _tx_of(spec, kwargs):
-    return lambda: spec.make(**kwargs)
+def check_optimiser_step(spec, index, kwargs, mode, compiled):
+    """The optimiser's step over ``make_data()`` in ``mode``, step by step against its bare reference."""
+    data = make_data()
+    make = lambda: spec.make(**kwargs)  # noqa: E731
+    expected = reference_for(f"{spec.name}-{index}", make, spec.matrices_only, data)
+    check = close_compiled(spec.float32_rtol) if compiled else eager_check(spec.name in FUSED_ADAM_OPTIMISERS)
+    step_run(make, spec.matrices_only, data, expected, compile=compiled, check=check, **MODES[mode])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("spec,index,kwargs", optimiser_cases())
 def test_optimiser_eager_step_equals_bare_update(spec, index, kwargs, mode):
-    data = make_data()
-    expected = reference_for(f"{spec.name}-{index}", _tx_of(spec, kwargs), spec.matrices_only, data)
-    step_run(
-        _tx_of(spec, kwargs),
-        spec.matrices_only,
-        data,
-        expected,
-        compile=False,
-        check=eager_check(spec.name in FUSED_ADAM_OPTIMISERS),
-        **MODES[mode],
-    )
+    check_optimiser_step(spec, index, kwargs, mode, compiled=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("spec,index,kwargs", compiled_optimiser_cases())
 def test_optimiser_compiled_step_equals_bare_update(spec, index, kwargs, mode, fresh_dynamo):
-    data = make_data()
-    expected = reference_for(f"{spec.name}-{index}", _tx_of(spec, kwargs), spec.matrices_only, data)
-    step_run(
-        _tx_of(spec, kwargs),
-        spec.matrices_only,
-        data,
-        expected,
-        compile=True,
-        check=close_compiled(spec.float32_rtol),
-        **MODES[mode],
-    )
+    check_optimiser_step(spec, index, kwargs, mode, compiled=True)
 
 
 # ----------------------------------------------------------------------------- wrappers
