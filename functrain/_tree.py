@@ -60,12 +60,16 @@ def check_same_shapes(a: Tree, b: Tree, name_a: str = "first", name_b: str = "se
     """:func:`check_same_structure`, and each pair of leaves of one shape: raises
     :class:`TreeMismatchError` naming the first key where they differ. Runs before a fused or
     multi-tensor kernel, which reads and writes by its inputs' sizes and must never see a mismatch."""
-    check_same_structure(a, b, name_a, name_b)
-    paths, _ = pytree.tree_flatten_with_path(a)
-    for (path, x), y in zip(paths, pytree.tree_leaves(b)):
+    # Each tree flattened once: this runs on every eager step (apply_updates, the fused kernels);
+    # key paths are computed only to name a mismatch.
+    flat_a, spec_a = pytree.tree_flatten(a)
+    flat_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        raise TreeMismatchError(f"{name_a} and {name_b} have different structures; {first_difference(a, b)}")
+    for i, (x, y) in enumerate(zip(flat_a, flat_b)):
         if isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape != y.shape:
             raise TreeMismatchError(
-                f"{name_a} and {name_b} differ in shape at {pytree.keystr(path) or '<root>'}: "
+                f"{name_a} and {name_b} differ in shape at {_keyed_leaves(a)[i] or '<root>'}: "
                 f"{tuple(x.shape)} vs {tuple(y.shape)}"
             )
 
