@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from . import _tree, _validate, distributed
+from .checkpoint import _atomic_write
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -276,13 +277,27 @@ class Checkpoint(Callback):
             self.best.best = state["best"]
 
 
+def _logged_by_the_checkpoint(loop: Loop) -> list[tuple[str, dict[str, Any]]]:
+    """The ``(split, logs)`` a resumed run's checkpoint recorded at its own step, train before eval.
+
+    The interrupted run may have written records at that step after saving it (a kill between an
+    epoch's last log and its end-of-epoch save); the resumed run writes those again. The ones written
+    before the save are in the checkpoint's history, and only they are, so a log rebuilt from "before
+    the checkpoint's step" plus these holds each record once.
+    """
+    return [(split, logs) for split in ("train", "eval") for logs in loop.history[split] if logs["step"] == loop.step]
+
+
 class JSONLogger(Callback):
     """Appends one JSON object per log and per evaluation to ``path``: ``{"split": "train", "step": ..., "loss": ...}``.
 
-    The file belongs to one run: a fresh run (step 0) starts it afresh, and a resumed run first drops
-    the records past the resumed step (written by the interrupted run after its last checkpoint),
-    so the file reads as one uninterrupted run. Non-finite values
-    are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
+    The file belongs to one run: a fresh run (step 0) starts it afresh, and a resumed run keeps the
+    records its checkpoint had seen written and drops those the interrupted run wrote after saving it
+    (past the checkpoint's step, or at that step after the save), so the file reads as one
+    uninterrupted run, each record once. A last line cut short by a kill while writing it (no
+    newline, not JSON) is dropped with a warning; a line that is not a record before the last one is
+    an error naming it, and the file is left as it is. Non-finite values are written as the strings
+    ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has no such numbers).
     """
 
     main_process_only = True
@@ -292,11 +307,42 @@ class JSONLogger(Callback):
 
     def on_fit_start(self, loop: Loop) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= loop.step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if not self.path.exists():
+            return
+        kept = self._kept(self._records(), loop) if loop.step > 0 else []
+        text = "".join(_json_line(record) for record in kept)
+        _atomic_write(self.path, lambda file: file.write(text.encode()))  # a kill now keeps the old log whole
+
+    @staticmethod
+    def _kept(records: list[dict[str, Any]], loop: Loop) -> list[dict[str, Any]]:
+        if not loop.resumed:  # continuing from a state of its own: the records so far are this run's
+            return [record for record in records if record["step"] <= loop.step]
+        before = [record for record in records if record["step"] < loop.step]
+        return before + [{"split": split, **logs} for split, logs in _logged_by_the_checkpoint(loop)]
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The file's records; a torn last line is dropped, with a warning naming the bytes dropped."""
+        *lines, tail = self.path.read_bytes().split(b"\n")  # tail: b"" when the file ends with a newline
+        records = []
+        for number, line in enumerate(lines, 1):
+            record = _parse_record(line)
+            if record is None:
+                raise ValueError(
+                    f"JSONLogger: line {number} of '{self.path}' is not a JSONLogger record ({line[:80]!r}): it was "
+                    f"edited or written by another program. Move the file aside or fix that line, then resume."
+                )
+            records.append(record)
+        torn = _parse_record(tail) if tail.strip() else {}
+        if torn is None:
+            warnings.warn(
+                f"JSONLogger: '{self.path}' ends in a line cut short (a kill while writing it): dropping its "
+                f"{len(tail)} bytes",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif torn:
+            records.append(torn)  # complete but for its newline
+        return records
 
     def on_log(self, loop: Loop) -> None:
         self._write({"split": "train", **loop.logs})
@@ -305,9 +351,22 @@ class JSONLogger(Callback):
         self._write({"split": "eval", **loop.eval_logs})
 
     def _write(self, record: dict[str, Any]) -> None:
-        record = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in record.items()}
         with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(_json_line(record))
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    record = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in record.items()}
+    return json.dumps(record) + "\n"
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    """A JSONLogger record (an object with a ``step``), or ``None`` when ``line`` is not one."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 class TensorBoard(Callback):
@@ -315,7 +374,9 @@ class TensorBoard(Callback):
     such as ``train/lr``) with ``torch.utils.tensorboard``. Needs the ``tensorboard`` package:
     ``pip install 'functrain[tensorboard]'``.
 
-    On a resumed run, events past the resumed step are purged, as if the run had not been interrupted.
+    On a resumed run, the events the interrupted run wrote after its checkpoint are hidden (TensorBoard's
+    ``purge_step``), so the scalars read as one uninterrupted run, each step once. Events are flushed
+    as they are logged: those written before a checkpoint survive a kill.
     """
 
     main_process_only = True
@@ -331,7 +392,14 @@ class TensorBoard(Callback):
         self.log_dir, self._writer_cls, self.writer = str(log_dir), SummaryWriter, None
 
     def on_fit_start(self, loop: Loop) -> None:
-        self.writer = self._writer_cls(self.log_dir, purge_step=loop.step + 1 if loop.step else None)
+        if not loop.resumed:  # continuing from a state of its own: its events so far are this run's
+            self.writer = self._writer_cls(self.log_dir, purge_step=loop.step + 1 if loop.step else None)
+            return
+        # TensorBoard hides the earlier events at or past purge_step: those after the checkpoint, and those at
+        # its step, which may have come after the save; the ones that came before it are written again.
+        self.writer = self._writer_cls(self.log_dir, purge_step=loop.step)
+        for split, logs in _logged_by_the_checkpoint(loop):
+            self._write(split, logs)
 
     def on_log(self, loop: Loop) -> None:
         self._write("train", loop.logs)
@@ -343,6 +411,7 @@ class TensorBoard(Callback):
         for name, value in logs.items():
             if name not in ("step", "epoch"):
                 self.writer.add_scalar(f"{split}/{name}", value, logs["step"])
+        self.writer.flush()  # else queued for up to two minutes: a kill would lose events a checkpoint has seen
 
     def on_fit_end(self, loop: Loop) -> None:
         self.writer.close()

@@ -8,22 +8,24 @@ read back once per log, evaluation, the callback events, and saving and restorin
 Events, in order: ``on_fit_start``; per epoch ``on_epoch_start``, then per step ``on_log`` (every
 ``log_every`` steps), ``on_eval_end`` (every ``eval_every`` steps), ``on_step_end``; at the end of
 an epoch ``on_log`` (the steps not logged yet), ``on_eval_end`` (when evaluating once per epoch),
-``on_epoch_end``; finally ``on_log`` (any steps not logged yet) and ``on_fit_end``.
+``on_epoch_end``; finally ``on_log`` (any steps not logged yet), ``on_eval_end`` (when evaluating
+once per epoch and ``max_steps`` ended the last epoch early) and ``on_fit_end``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from . import _tree, _validate, distributed
 from .callbacks import Callback, Checkpoint, ProgressBar, StopOnNonFinite
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .wrappers import hyperparams
 
 History = dict[str, list[dict[str, Any]]]
@@ -212,7 +214,7 @@ class Loop:
     def epoch_end(self, state: Any) -> Any:
         self.state, self.epoch_finished = state, True
         self.log()
-        if self.evaluate_fn is not None and self.eval_every is None:
+        if self._evaluates_per_epoch():
             self.evaluate()
         self._emit("on_epoch_end")
         self.epoch, self.batch, self.epoch_finished = self.epoch + 1, 0, False
@@ -220,11 +222,21 @@ class Loop:
 
     def fit_end(self, state: Any) -> Any:
         self.state = state
-        self._final_progress = self.progress()  # a checkpoint saved now resumes before the partial log below
+        # A checkpoint saved now resumes before the partial log and the final evaluation below: a run
+        # continued to a larger step budget logs and evaluates as one that never stopped here.
+        self._final_progress = self.progress()
         self.log()
+        if self._evaluates_per_epoch() and self.batch > 0 and self._budget_spent():
+            self.evaluate()  # the last epoch was cut short: its end, and evaluation, never came
         if self.stop_reason is not None:
             self.history["stop_reason"] = self.stop_reason  # type: ignore[assignment]
         return self._emit("on_fit_end")
+
+    def _evaluates_per_epoch(self) -> bool:
+        return self.evaluate_fn is not None and self.eval_every is None
+
+    def _budget_spent(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
 
     def log(self) -> None:
         """Reads the running means (and the injected hyperparameters) back in one sync; calls ``on_log``."""
@@ -285,11 +297,17 @@ class Loop:
         return save_checkpoint(path, self.state, loader=self.loader, progress=self.progress())
 
     def restore(self, path: str | os.PathLike, like: Any) -> Any:
-        """Loads a checkpoint written by :meth:`save` (restoring loader, RNGs, progress); returns the state."""
+        """Loads a checkpoint written by :meth:`save` (restoring loader, RNGs, progress); returns the state.
+
+        Raises:
+            ValueError: the checkpoint was saved mid-epoch and the loader can neither be put at its
+                position (no ``load_state_dict``) nor replay the epoch's order to skip the batches taken.
+        """
         state, progress = load_checkpoint(path, like, loader=self.loader)
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
         if progress["epoch_finished"]:  # saved in on_epoch_end: carry on with the next epoch
             self.epoch, self.batch = self.epoch + 1, 0
+        self._check_the_loader_can_continue(path)
         self.history = progress["history"]
         self.meter.load_state_dict(progress["meter"])
         seen: dict[str, int] = {}
@@ -300,6 +318,75 @@ class Loop:
                 cb.load_state_dict(progress["callbacks"][f"{name}.{seen[name]}"])
         self.resumed = True
         return state
+
+    # ------------------------------------------------------------------------- the training batches
+
+    def epoch_batches(self) -> Iterable:
+        """The training loader's batches still to come in this epoch: the loader itself, except after a
+        resume mid-epoch from a loader that cannot save its position, where it is an iterator past the
+        batches taken (see :meth:`restore`)."""
+        if self.batch == 0 or _saves_its_position(self.loader):
+            return self.loader
+        return _skip(self.loader, self.batch)
+
+    def _mid_epoch(self) -> bool:
+        return self.batch > 0 and (self.steps_per_epoch is None or self.batch < self.steps_per_epoch)
+
+    def _check_the_loader_can_continue(self, path: str | os.PathLike) -> None:
+        """A resume mid-epoch needs the epoch's remaining batches: a loader with ``load_state_dict`` was put
+        at its saved position; one whose every pass yields the same batches in the same order can skip
+        those taken. Any other (a shuffled DataLoader draws a new order on each pass) cannot, and
+        restarting its epoch would train on some batches twice: refused, before any work."""
+        if self.loader is None or not self._mid_epoch():
+            return
+        if _saves_its_position(self.loader) or _replays_in_order(self.loader):
+            return
+        raise ValueError(
+            f"Loop.restore: '{path}' was saved mid-epoch (after batch {self.batch} of epoch {self.epoch}), and the "
+            f"train loader ({type(self.loader).__name__}) can neither save its position nor replay the same order "
+            f"(a shuffled DataLoader draws a new one on every pass): resuming would repeat or skip batches. Use "
+            f"ft.data.make_loader(dataset, batch_size, ...), whose position checkpoints save, or resume from a "
+            f"checkpoint saved at an epoch's end (Checkpoint(..., every_epochs=1) writes those)."
+        )
+
+
+def _saves_its_position(loader: Any) -> bool:
+    return hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
+
+
+def _replays_in_order(loader: Any) -> bool:
+    """Whether every pass over ``loader`` yields the same batches in the same order: a sequence of batches, or a
+    DataLoader over a map-style dataset in index order (no shuffle, no sampler of its own). A dataset that
+    draws random augmentations in worker processes is seeded afresh on each pass; that one cannot tell."""
+    if isinstance(loader, Sequence):
+        return True
+    if not isinstance(loader, DataLoader):
+        return False
+    if loader.batch_sampler is None:  # batch_size=None: the sampler hands out the batches themselves
+        return type(loader.sampler) is SequentialSampler
+    return type(loader.batch_sampler) is BatchSampler and type(loader.batch_sampler.sampler) is SequentialSampler
+
+
+def _skip(loader: Iterable, taken: int) -> Iterator:
+    """An iterator over ``loader`` past its first ``taken`` batches, with every random generator as before.
+
+    Starting a pass over a DataLoader draws its workers' seed from torch's generator, which the
+    interrupted run drew at the epoch's start, before the state the checkpoint restored: drawing it
+    again would shift every later dropout mask and shuffle.
+    """
+    generators = rng_state()
+    iterator = iter(loader)
+    for index in range(taken):
+        if next(iterator, _END) is _END:
+            raise ValueError(
+                f"fit: the train loader yields {index} batches per epoch, but the checkpoint was saved after batch "
+                f"{taken}: resume with the loader the run was saved with"
+            )
+    set_rng_state(generators)
+    return iterator
+
+
+_END = object()
 
 
 def fit(
@@ -327,14 +414,19 @@ def fit(
             ``state_dict`` / ``load_state_dict`` (a ``functrain.data`` loader), checkpoints save its
             position and a resume continues mid-epoch exactly. The loader counts a batch as
             consumed when it hands it out, so its state after an epoch's last batch points at the
-            start of the next epoch.
+            start of the next epoch. A loader without a position resumes mid-epoch only when every
+            pass yields the same batches in the same order (a list of batches, a DataLoader without
+            shuffle): the batches already taken are skipped (read and discarded). Any other loader
+            (a shuffled DataLoader) resumes from an epoch's end; from a mid-epoch checkpoint it
+            raises ``ValueError`` before training.
         epochs: train this many epochs in all. Give exactly one of ``epochs`` and ``steps``.
         steps: train until the state has taken this many steps in all (a resumed run stops where an
             uninterrupted one would).
         eval_step: e.g. from :func:`~functrain.make_eval_step`; the means of its
             metrics over ``eval_loader`` are logged as ``history["eval"]``.
         eval_loader: the evaluation batches; give both or neither of ``eval_step`` and ``eval_loader``.
-        eval_every: evaluate every this many steps; default: at the end of every epoch.
+        eval_every: evaluate every this many steps; default: at the end of every epoch, and at the end
+            of training when ``steps`` ends it mid-epoch (the final state is always evaluated).
         callbacks: :class:`~functrain.Callback` objects; default: a progress bar and
             :class:`~functrain.callbacks.StopOnNonFinite`. A list you pass replaces the defaults.
         checkpoint: a :class:`~functrain.callbacks.Checkpoint`, or a directory (a checkpoint at the
@@ -399,7 +491,7 @@ def fit(
         if loop.batch == 0:  # not again when resuming mid-epoch
             state = loop.epoch_start(state)
         if loop.steps_per_epoch is None or loop.batch < loop.steps_per_epoch:  # else: resumed after its last step
-            for batch in train_loader:  # a resumed loader yields the rest of its epoch
+            for batch in loop.epoch_batches():  # after a resume mid-epoch: the rest of that epoch
                 state, metrics = step(state, to_device(batch, device))
                 state = loop.step_end(state, metrics)
                 if loop.finished:
