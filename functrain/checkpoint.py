@@ -10,11 +10,19 @@ dropout masks, the same optimiser steps.
 Writes are atomic: the file is written under a temporary name in the same directory, flushed and
 ``fsync``-ed, renamed over the final name with ``os.replace`` (atomic on POSIX and Windows), and the
 directory is ``fsync``-ed so the rename itself survives a power cut. A process killed at any moment
-leaves either the previous file or the new one, never a torn one; stray temporary files are ignored
-(and swept by :class:`functrain.callbacks.Checkpoint`).
+leaves either the previous file or the new one, never a torn one. The temporary is named
+``.<name>.functrain-<host>-<pid>-<random>.tmp`` (``<host>``: the hostname and, on Linux, the pid
+namespace): it says which process on which machine writes it, so
+:class:`functrain.callbacks.Checkpoint` can sweep the ones a killed process left without touching a
+save another run has in flight. A write that fails (a full disk, a quota) removes the temporary and
+raises an ``OSError`` with the ``errno`` (``ENOSPC``...) that names the file; the previous file stays.
+The file gets the permissions of any other new file (``0666`` less the umask).
 
-Loading uses ``torch.load(weights_only=True)``: only tensors, plain containers and registered state
-classes are rebuilt, so a file carrying a pickled object that would run code is refused.
+Loading first checks every record of the file against its CRC-32 (the file is a zip archive; a
+flipped bit is an error naming the file and the record; the check costs under 0.1 s per 100 MB),
+then uses ``torch.load(weights_only=True)``: only tensors, plain containers and registered state
+classes are rebuilt, so a file carrying a pickled object that would run code is refused. A file that
+is not a checkpoint, or lacks a part of one, is an error naming the file and the part.
 
 :func:`save_weights` / :func:`load_weights` write and read just the params and buffers as a
 ``.safetensors`` file (with the optional ``safetensors`` package), for sharing or serving weights.
@@ -23,12 +31,16 @@ classes are rebuilt, so a file carrying a pickled object that would run code is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
 import re
+import secrets
+import socket
 import sys
-import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,28 +109,16 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable checkpoint, holds objects that could run code
-            (refused by ``torch.load(weights_only=True)``), or was saved for another model or
-            optimiser (the message names the first mismatching key or shape).
+        ValueError: the file is not a functrain checkpoint, is truncated, fails its CRC-32 check
+            (corrupted on disk or in transit), lacks a part of a checkpoint (the message names it),
+            holds objects that could run code (refused by ``torch.load(weights_only=True)``), or
+            was saved for another model or optimiser (the message names the first mismatching key
+            or shape).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at '{path}'")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"load_checkpoint: refused to load '{path}': it holds pickled objects that "
-            f"torch.load(weights_only=True) will not rebuild, because unpickling them could run code. "
-            f"Checkpoints hold only tensors, plain containers and classes decorated with "
-            f"ft.register_state. Details: {error}"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(
-            f"load_checkpoint: '{path}' is not a readable checkpoint (truncated or corrupt?): {error}"
-        ) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint (no '{FORMAT}' marker)")
+    payload = _complete(path, _read(path))
     state = _matched(path, payload["state"], like)
     if loader is None and not restore_rng:
         return state, payload["progress"]  # the weights alone, e.g. to evaluate: any number of processes
@@ -137,6 +137,79 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(mine["rng"])
     return state, payload["progress"]
+
+
+def _read(path: Path) -> Any:
+    """The object ``torch.save`` wrote to ``path``, once every record of the file matches its CRC-32.
+
+    ``torch.load`` does not check the zip's checksums, so a flipped bit in a tensor would load as a
+    silently wrong number. Both steps read the one open file, so they see the same bytes.
+    """
+    with path.open("rb") as file:
+        _check_archive(path, file)
+        file.seek(0)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+            if refused is None:  # torch's message would advise weights_only=False: never pass that on
+                raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint: {_NOT_OURS}") from None
+            raise ValueError(
+                f"load_checkpoint: refused to load '{path}': it holds an object of class '{refused[1]}', which "
+                f"torch.load(weights_only=True) will not rebuild, because unpickling it could run code. "
+                f"Checkpoints hold only tensors, plain containers and classes decorated with ft.register_state: "
+                f"decorate your own state classes with it, and load only files you trust"
+            ) from None
+        except (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+            # A sound zip archive that torch cannot read (it does not hold a pickle written by torch.save)
+            raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint: {_NOT_OURS}") from error
+
+
+_NOT_OURS = "it does not hold what ft.save_checkpoint writes (it is another kind of file, or damaged beyond repair)"
+
+
+def _check_archive(path: Path, file: Any) -> None:
+    """Raises ``ValueError`` unless ``file`` is a zip archive whose every record matches its CRC-32."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            corrupted = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
+        file.seek(0)
+        if file.read(4) != b"PK\x03\x04":  # not even the start of a zip archive, as torch.save writes
+            raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint: {_NOT_OURS}") from None
+        raise ValueError(
+            f"load_checkpoint: '{path}' is not a readable checkpoint: it is truncated or corrupted ({error})"
+        ) from None
+    if corrupted is not None:
+        raise ValueError(
+            f"load_checkpoint: '{path}' is corrupted: its record '{corrupted}' does not match its CRC-32 "
+            f"checksum (damaged on disk or in a copy); load an intact copy or an earlier checkpoint"
+        )
+
+
+def _complete(path: Path, payload: Any) -> dict:
+    """``payload``, once it is a checkpoint of this format with every part (the error names the first missing)."""
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise ValueError(f"load_checkpoint: '{path}' is not a functrain checkpoint (no '{FORMAT}' marker)")
+    if payload["format"] != FORMAT:
+        raise ValueError(f"load_checkpoint: '{path}' has format {payload['format']!r}; this functrain reads {FORMAT!r}")
+    _require(path, payload, ("state", "ranks", "progress"), "the checkpoint")
+    if not isinstance(payload["ranks"], (list, tuple)) or not payload["ranks"]:
+        raise ValueError(f"load_checkpoint: '{path}' is an incomplete functrain checkpoint: 'ranks' is empty")
+    for rank, mine in enumerate(payload["ranks"]):
+        _require(path, mine, ("loader", "rng"), f"rank {rank}'s entry")
+        _require(path, mine["rng"], ("torch", "python"), f"rank {rank}'s random generator states")
+    return payload
+
+
+def _require(path: Path, entries: Any, keys: tuple[str, ...], what: str) -> None:
+    for key in keys:
+        if not isinstance(entries, dict) or key not in entries:
+            has = sorted(entries) if isinstance(entries, dict) else type(entries).__name__
+            raise ValueError(
+                f"load_checkpoint: '{path}' is an incomplete functrain checkpoint: {what} has no '{key}' entry "
+                f"(it has {has}); it was not written by ft.save_checkpoint, or was altered since"
+            )
 
 
 def _matched(path: Path, loaded: Any, like: Any) -> Any:
@@ -179,21 +252,135 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None
     """Calls ``write(file)`` on a temporary file, then renames it to ``path``, with fsyncs on both sides.
 
     The temporary file lives in the same directory (``os.replace`` is atomic only within one file
-    system) and starts with a dot, so it never matches a checkpoint name.
+    system). On any failure it is removed; a failed write of the disk (ENOSPC, EDQUOT, EIO...) is
+    raised as an ``OSError`` with that ``errno`` and a message naming ``path``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
+    file = None
     try:
-        with os.fdopen(fd, "wb") as file:
+        with os.fdopen(fd, "wb") as opened:
+            file = _RememberingFile(opened)
             write(file)
-            file.flush()
-            os.fsync(file.fileno())  # the data is on disk before the name points at it
+            opened.flush()
+            os.fsync(opened.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        cause = file.error if file is not None and file.error is not None else error
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise _write_failed(path, cause) from error
         raise
     _fsync_directory(path.parent)  # the rename itself is durable
+
+
+class _RememberingFile:
+    """A binary file that remembers the ``OSError`` its ``write`` raised.
+
+    ``torch.save`` reports a failed write as ``[enforce fail at inline_container.cc] unexpected pos``:
+    the ``errno`` that says why (a full disk) would be lost without this.
+    """
+
+    def __init__(self, file: Any):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_failed(path: Path, error: OSError) -> OSError:
+    """The ``OSError`` to raise when writing ``path`` failed with ``error``: same ``errno``, says what to do."""
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    why = {
+        errno.ENOSPC: f"the disk is full ({name})",
+        getattr(errno, "EDQUOT", -1): f"the disk quota is used up ({name})",
+        errno.EFBIG: f"the file is larger than this process may write ({name}: see ulimit -f)",
+    }.get(error.errno, f"{error.strerror} ({name})")
+    return OSError(
+        error.errno,
+        f"could not write '{path}': {why}. Any earlier file of that name is unchanged and the partial "
+        f"temporary file was removed",
+    )
+
+
+# The temporary file of a save of <name> by process <pid> on machine <host>; <random> keeps two
+# saves of one process apart. Nothing else in a directory carries this name.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.functrain-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
+
+
+def _host() -> str:
+    """Where a process id names one process: this machine's name and, on Linux, its pid namespace.
+
+    Containers may share a hostname (host networking) yet number their processes apart; with the
+    namespace in the name, one never takes another's live save for a dead one.
+    """
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
+    with contextlib.suppress(OSError):
+        host += f".pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    return host
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Creates and opens ``.<name>.functrain-<host>-<pid>-<random>.tmp`` next to ``path``.
+
+    ``os.open`` with mode ``0o666`` lets the kernel apply the umask (and any default ACL), as for any
+    other new file; ``tempfile.mkstemp`` would make it ``0o600`` whatever the user asked for.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.with_name(f".{path.name}.functrain-{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"))
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to '{path}': every name tried exists")
+
+
+def _sweep_temporaries(directory: Path, owns: Callable[[str], bool]) -> None:
+    """Removes the temporary files that a save of a file ``owns`` names left when its process died.
+
+    Only files named as :func:`_create_temporary` names them are considered, and only when the
+    process that wrote one is known to be gone: it ran on this machine and no process of that id
+    runs now. A temporary of a live process (another run saving to the same directory) is left, and
+    so is one from another machine, whose process cannot be checked from here (a warning names it).
+    """
+    for candidate in sorted(directory.iterdir()):
+        found = _TEMPORARY.match(candidate.name)
+        if found is None or not owns(found["target"]):
+            continue
+        host, pid = found["host"], int(found["pid"])
+        if host != _host():
+            warnings.warn(
+                f"Checkpoint: leaves '{candidate}': it was written by process {pid} on host '{host}', and from "
+                f"'{_host()}' it cannot tell whether process {pid} is still saving; delete it once no run saves there",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif not _is_running(pid):
+            candidate.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (``True`` when that cannot be told)."""
+    if os.name != "posix" or pid == os.getpid():
+        return True  # Windows' os.kill(pid, 0) would terminate the process, not probe it
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OverflowError:  # an id no kernel gives
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:
