@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from . import _tree, _validate, distributed
-from .checkpoint import _atomic_write
+from .checkpoint import _atomic_write, _create_temporary, _sweep_temporaries
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -178,9 +178,21 @@ class Checkpoint(Callback):
 
     Each file holds everything a resume needs (see :mod:`functrain.checkpoint`); pass
     ``resume=True`` to :func:`~functrain.fit` to continue from the latest. Before training starts
-    the directory is created and test-written, so a bad path fails at once rather than after hours.
+    the directory is created and test-written, so a bad path fails at once rather than after hours,
+    and a ``monitor`` on ``eval/...`` without an evaluation in the fit is an error.
     A state with a NaN or infinite parameter is not saved (a warning says so), so the last
     checkpoint is always one worth resuming from.
+
+    The directory may hold other files, and other runs may save there. Checkpoint deletes only:
+
+    - periodic checkpoints beyond ``keep``, oldest step first, named exactly as it names them,
+      ``step-`` and the step in 8 or more digits, zero-padded (``step-00000002.pt``; not
+      ``step-2.pt`` or ``step-00000002-known-good.pt``);
+    - at the start of training, the temporary files of a save (``.step-00000009.pt.functrain-<host>-
+      <pid>-<random>.tmp``, and the same for ``best.pt``) whose process was killed: written on this
+      host by a process id that no running process has. A save in flight in another live process
+      is left alone; so is a temporary written on another host, which is named in a warning since
+      it cannot be checked from here.
 
     Args:
         directory: where the files go.
@@ -214,17 +226,23 @@ class Checkpoint(Callback):
         self.last_saved_step: int | None = None
 
     def on_fit_start(self, loop: Loop) -> None:
+        if self.best is not None and self.best.split == "eval" and loop.evaluate_fn is None:
+            monitor = f"eval/{self.best.name}"
+            raise ValueError(
+                f"Checkpoint: monitor={monitor!r} needs an evaluation, but this fit has none, so best.pt would "
+                f"never be written: pass eval_step= and eval_loader= to fit (evaluate= to Loop), or monitor a "
+                f"training metric such as 'loss'"
+            )
         if not distributed.is_main_process():
             return  # rank 0 writes; every rank takes part in each save (see save_checkpoint)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.directory)
+            fd, probe = _create_temporary(self.directory / self._PROBE)
             os.close(fd)
             os.unlink(probe)
         except OSError as error:
             raise PermissionError(f"Checkpoint: cannot write checkpoints to '{self.directory}': {error}") from error
-        for stale in self.directory.glob(".*.tmp"):  # left by a process killed while saving
-            stale.unlink(missing_ok=True)
+        _sweep_temporaries(self.directory, owns=self._owns)  # left by a process killed while saving
 
     def on_step_end(self, loop: Loop) -> None:
         if self.every_steps is not None and loop.step % self.every_steps == 0:
@@ -253,10 +271,39 @@ class Checkpoint(Callback):
     def _save_periodic(self, loop: Loop) -> None:
         if not self._finite(loop):
             return
-        loop.save(self.directory / f"step-{loop.step:08d}.pt")
+        loop.save(self.directory / self._periodic_name(loop.step))
         self.last_saved_step = loop.step
-        periodic = sorted(self.directory.glob("step-*.pt"))  # zero-padded: name order is step order
-        for old in periodic[: -self.keep] if distributed.is_main_process() else []:
+        if distributed.is_main_process():
+            self._prune()
+
+    # The only names Checkpoint writes, and so the only files it ever deletes: anything else in the
+    # directory (a backup named step-00000002-known-good.pt, an editor's .notes.tmp) is the user's.
+    _PERIODIC = re.compile(r"step-(\d{8,})\.pt")
+    _PROBE = "probe"
+
+    @staticmethod
+    def _periodic_name(step: int) -> str:
+        return f"step-{step:08d}.pt"
+
+    @classmethod
+    def _periodic_step(cls, name: str) -> int | None:
+        """The step of a file named exactly as :meth:`_periodic_name` names it, else ``None``."""
+        found = cls._PERIODIC.fullmatch(name)
+        return int(found[1]) if found and cls._periodic_name(int(found[1])) == name else None
+
+    @classmethod
+    def _owns(cls, name: str) -> bool:
+        return name in ("best.pt", cls._PROBE) or cls._periodic_step(name) is not None
+
+    def _prune(self) -> None:
+        """Deletes the oldest periodic checkpoints beyond ``keep`` (in step order: past step 99999999 the
+        names grow a digit, so name order is not step order)."""
+        periodic = sorted(
+            (step, path)
+            for path in self.directory.iterdir()
+            if (step := self._periodic_step(path.name)) is not None and path.is_file()
+        )
+        for _, old in periodic[: -self.keep]:
             old.unlink(missing_ok=True)
 
     @staticmethod
