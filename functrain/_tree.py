@@ -74,6 +74,62 @@ def check_same_shapes(a: Tree, b: Tree, name_a: str = "first", name_b: str = "se
             )
 
 
+def check_like(expected: Tree, actual: Tree, name_expected: str, name_actual: str) -> None:
+    """:func:`check_same_shapes`, and each pair of tensor leaves of one dtype; the key is named.
+
+    For a state against the one ``init`` would build: a dtype the kernels did not expect reads or
+    writes the wrong number of bytes in a fused kernel, or silently promotes in a per-leaf one."""
+    flat_e, spec_e = pytree.tree_flatten(expected)  # each tree flattened once: this runs every eager update
+    flat_a, spec_a = pytree.tree_flatten(actual)
+    if spec_e != spec_a:
+        raise TreeMismatchError(
+            f"{name_expected} and {name_actual} have different structures; {first_difference(expected, actual)}"
+        )
+    for i, (x, y) in enumerate(zip(flat_e, flat_a)):
+        if isinstance(x, Tensor) and isinstance(y, Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
+            what = "shape" if x.shape != y.shape else "dtype"
+            raise TreeMismatchError(
+                f"{name_expected} and {name_actual} differ in {what} at {_keyed_leaves(actual)[i] or '<root>'}: "
+                + (f"{tuple(x.shape)} vs {tuple(y.shape)}" if what == "shape" else f"{x.dtype} vs {y.dtype}")
+            )
+
+
+def signature(tree: Tree) -> tuple:
+    """The structure, shapes and dtypes of ``tree``: equal signatures give ``init`` equal structures."""
+    flat, spec = pytree.tree_flatten(tree)
+    return spec, tuple((x.shape, x.dtype) if isinstance(x, Tensor) else type(x) for x in flat)
+
+
+def meta_like(tree: Tree) -> Tree:
+    """``tree`` with each tensor replaced by a ``meta`` tensor of its shape and dtype (no memory, no
+    compute): running ``init`` on it gives the structure of the state without allocating it."""
+    return pytree.tree_map(lambda x: torch.empty_like(x, device="meta") if isinstance(x, Tensor) else x, tree)
+
+
+def complex_leaves(tree: Tree) -> list[tuple[str, Tensor]]:
+    """The ``(key, tensor)`` pairs of ``tree`` whose dtype is complex."""
+    return [(key, x) for key, x in named_leaves(tree) if x.is_complex()] if has_complex(tree) else []
+
+
+def has_complex(tree: Tree) -> bool:
+    return any(isinstance(x, Tensor) and x.is_complex() for x in pytree.tree_leaves(tree))
+
+
+def as_real(tree: Tree) -> Tree:
+    """Each complex tensor of ``tree`` as its real view (``torch.view_as_real``: a trailing dim of 2,
+    the same memory), as torch.optim steps complex parameters; real tensors pass through."""
+    if not has_complex(tree):
+        return tree
+    return pytree.tree_map(lambda x: torch.view_as_real(x) if isinstance(x, Tensor) and x.is_complex() else x, tree)
+
+
+def as_complex_like(tree: Tree, like: Tree) -> Tree:
+    """Undoes :func:`as_real`: each leaf whose counterpart in ``like`` is complex, viewed as complex."""
+    if not has_complex(like):
+        return tree
+    return pytree.tree_map(lambda x, ref: torch.view_as_complex(x) if ref.is_complex() else x, tree, like)
+
+
 def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - tree.map reads well
     """``fn`` applied leaf by leaf over trees of one structure (checked, with the first differing key)."""
     flat, spec = pytree.tree_flatten(tree)

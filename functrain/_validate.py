@@ -40,8 +40,15 @@ def _number(value: Any) -> float | None:
     if isinstance(value, Tensor):
         if not _readable(value):
             return None
-        if value.numel() != 1:
-            raise ValueError(f"a tensor hyperparameter must hold one element, got shape {tuple(value.shape)}")
+        if value.ndim != 0:
+            # A (1,)-shaped value would broadcast every 0-d state it meets into shape (1,), and a
+            # compiled step would then see a state whose shapes changed: refuse it here, by name.
+            raise ValueError(
+                f"a tensor hyperparameter must be 0-d (torch.tensor(x), not torch.tensor([x])), "
+                f"got shape {tuple(value.shape)}"
+            )
+        if value.is_complex():
+            raise TypeError(f"a tensor hyperparameter must be real, got dtype {value.dtype}")
         return float(value.detach().cpu().item())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a float, a 0-d tensor or a schedule, got {type(value).__name__}: {value!r}")
@@ -108,6 +115,19 @@ def integer(owner: str, name: str, value: Any, low: int, high: int | None = None
     if value < low or (high is not None and value > high):
         raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def seconds(owner: str, name: str, value: Any) -> float | None:
+    """Returns a timeout ``value`` as a float number of seconds, finite and > 0, or ``None`` (wait
+    forever): TypeError for anything but a real number (a bool included) or None, ValueError otherwise."""
+    allowed = "a number of seconds > 0, or None to wait forever"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be {allowed}, got {type(value).__name__}: {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
+    return float(value)
 
 
 def one_of(owner: str, name: str, value: Any, allowed: tuple) -> None:

@@ -134,7 +134,7 @@ def _walk(node: Any, path: str, scope: list[str], on_state: Callable[[Any, str, 
         return InjectHyperparamsState(count, node.hyperparams, inner)
     if isinstance(node, ScheduleState):  # every optimiser's: its count (the schedules' position) is converted
         count = on_state(_Count(node.count), path, scope).count
-        return ScheduleState(count, _walk(node.inner_state, f"{path}.inner_state", scope, on_state))
+        return type(node)(count, _walk(node.inner_state, f"{path}.inner_state", scope, on_state))
     if _is_namedtuple(node):
         return on_state(node, path, scope)
     if isinstance(node, (tuple, list)):

@@ -23,7 +23,7 @@ def check_adam_args(owner: str, lr, betas, eps, weight_decay) -> tuple:
     return beta1, beta2
 
 
-@schedulable
+@schedulable(complex_params=True)
 def adam(
     lr: Hyperparameter = 1e-3,
     betas: tuple[Hyperparameter, Hyperparameter] = (0.9, 0.999),
@@ -73,7 +73,7 @@ def adam(
     return _adam("adam", lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
 
-@schedulable
+@schedulable(complex_params=True)
 def adamw(
     lr: Hyperparameter = 1e-3,
     betas: tuple[Hyperparameter, Hyperparameter] = (0.9, 0.999),

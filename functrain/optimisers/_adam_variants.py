@@ -10,7 +10,7 @@ from ._adam import check_adam_args
 from ._common import descent
 
 
-@schedulable
+@schedulable(complex_params=True)
 def nadam(
     lr: Hyperparameter = 2e-3,
     betas: tuple[Hyperparameter, Hyperparameter] = (0.9, 0.999),
@@ -70,7 +70,7 @@ def nadam(
     )
 
 
-@schedulable
+@schedulable(complex_params=True)
 def radam(
     lr: Hyperparameter = 1e-3,
     betas: tuple[Hyperparameter, Hyperparameter] = (0.9, 0.999),
@@ -126,7 +126,7 @@ def radam(
     )
 
 
-@schedulable
+@schedulable(complex_params=True)
 def adamax(
     lr: Hyperparameter = 2e-3,
     betas: tuple[Hyperparameter, Hyperparameter] = (0.9, 0.999),

@@ -42,7 +42,7 @@ def _asgd_step_size(lr, lambd, alpha) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-@schedulable
+@schedulable(complex_params=True)
 def asgd(
     lr: Hyperparameter = 1e-2,
     lambd: Hyperparameter = 1e-4,
@@ -93,6 +93,11 @@ def asgd(
         Bottou, 2012, "Stochastic Gradient Descent Tricks" (the step-size schedule).
     """
     _validate.in_range("asgd", "lr", lr, 0.0)
+    _validate.in_range("asgd", "lambd", lambd, 0.0)
+    # torch.optim.ASGD checks neither: a negative power would grow the step size without bound,
+    # and a NaN t0 would never start (or never stop) the averaging, silently.
+    _validate.in_range("asgd", "alpha", alpha, 0.0)
+    _validate.in_range("asgd", "t0", t0, 0.0)
     _validate.in_range("asgd", "weight_decay", weight_decay, 0.0)
     parts = [
         scale(-1.0) if maximize else None,

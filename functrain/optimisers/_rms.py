@@ -11,7 +11,7 @@ from ..wrappers import schedulable
 from ._common import descent, nonzero
 
 
-@schedulable
+@schedulable(complex_params=True)
 def rmsprop(
     lr: Hyperparameter = 1e-2,
     alpha: Hyperparameter = 0.99,
@@ -69,7 +69,7 @@ def rmsprop(
     return descent(direction, momentum_tx, lr=lr, maximize=maximize, weight_decay=weight_decay)
 
 
-@schedulable
+@schedulable(complex_params=True)
 def adagrad(
     lr: Hyperparameter = 1e-2,
     lr_decay: Hyperparameter = 0.0,
@@ -134,7 +134,7 @@ def adagrad(
     )
 
 
-@schedulable
+@schedulable(complex_params=True)
 def adadelta(
     lr: Hyperparameter = 1.0,
     rho: Hyperparameter = 0.9,

@@ -9,7 +9,7 @@ from ..wrappers import schedulable
 from ._common import descent
 
 
-@schedulable
+@schedulable(complex_params=True)
 def rprop(
     lr: Hyperparameter = 1e-2,
     etas: tuple[Hyperparameter, Hyperparameter] = (0.5, 1.2),

@@ -9,7 +9,7 @@ from ..wrappers import schedulable
 from ._common import descent, nonzero
 
 
-@schedulable
+@schedulable(complex_params=True)
 def sgd(
     lr: Hyperparameter = 1e-3,
     momentum: Hyperparameter = 0.0,

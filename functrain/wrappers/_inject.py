@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -366,7 +367,26 @@ def set_hyperparams(opt_state: OptState, **values: Any) -> OptState:
     hyperparams = dict(found.hyperparams)
     for name, value in values.items():
         hyperparams[name] = _replacement(name, value, found.hyperparams[name])
+    _check_as_the_factory_does(found, hyperparams)
     return _tree.replace_node(opt_state, found, found._replace(hyperparams=hyperparams))
+
+
+def _check_as_the_factory_does(found: InjectHyperparamsState, hyperparams: dict[str, Any]) -> None:
+    """Refuses what the optimiser's constructor refuses (``lr=-1``, NaN, ``betas=(0.9, 1.5)``): its
+    factory runs once on the new values, for its checks alone. The inner state says which factory
+    that is (every ``ft`` optimiser's state names it); for any other, non-finite values are refused."""
+    factory = getattr(type(found.inner_state), "factory", None)
+    if factory is None:
+        for name, value in hyperparams.items():
+            for i, item in enumerate(value if isinstance(value, tuple) else (value,)):
+                if isinstance(item, Tensor) and item.device.type == "cpu" and not torch.isfinite(item):
+                    where = f"{name}[{i}]" if isinstance(value, tuple) else name
+                    raise ValueError(f"set_hyperparams: {where} must be finite, got {float(item)}")
+        return
+    try:
+        factory(**hyperparams)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"set_hyperparams: {error}") from None
 
 
 def hyperparams(state: Any) -> dict[str, Tensor]:
@@ -408,8 +428,8 @@ def _replacement(name: str, value: Any, old: Any) -> Any:
             f"set_hyperparams: {name} must be a number or a 0-d tensor, got {type(value).__name__}"
             + ("; to schedule it, pass the schedule to inject_hyperparams" if callable(value) else "")
         )
-    if isinstance(value, Tensor) and value.numel() != 1:
-        raise ValueError(f"set_hyperparams: {name} must hold one element, got shape {tuple(value.shape)}")
+    if isinstance(value, Tensor) and value.ndim != 0:
+        raise ValueError(f"set_hyperparams: {name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}")
     return torch.as_tensor(value, dtype=torch.float64, device=old.device).detach().clone().reshape(())
 
 
@@ -426,11 +446,12 @@ class ScheduleState(NamedTuple):
     inner_state: OptState  # the state of the plain transformation the factory builds
 
 
-def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
+def schedulable(factory: Callable[..., GradientTransformation] | None = None, *, complex_params: bool = False) -> Any:
     """Lets every numeric hyperparameter of ``factory`` be a schedule of the step count.
 
-    The returned factory builds a transformation whose state is always ``ScheduleState(count,
-    inner_state)``: ``count`` is the number of updates done (the position of every schedule) and
+    The returned factory builds a transformation whose state is always a ``ScheduleState(count,
+    inner_state)`` of the factory's own subclass (``AdamState`` for ``ft.adam``): ``count`` is the
+    number of updates done (the position of every schedule) and
     ``inner_state`` the state of ``factory``'s own transformation. The structure is the same whether
     a hyperparameter is a float, a 0-d tensor or a schedule (:func:`is_hyperparameter`; a ``mask``
     function is not one), so a checkpoint of a constant-rate run loads into a scheduled one.
@@ -442,27 +463,41 @@ def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[...,
     recompile as the values change. ``factory``'s own validation runs once when the transformation
     is built, on the initial values (schedules at count 0).
 
+    Every eager ``update`` first checks its inputs (under tracing the same checks run when a compiled
+    step's error is reported, see ``make_train_step``): the state must be one this factory's ``init``
+    built (another optimiser's is refused, naming both), with the structure, shapes and dtypes
+    ``init`` gives for these parameters, and the updates must have the parameters' shapes. Nothing
+    mismatched reaches a kernel, so nothing is read past a buffer's end.
+
+    Complex parameters: with ``complex_params=True`` (the optimisers torch.optim steps complex
+    parameters for) each complex tensor is stepped as its real view, as torch.optim does, so the
+    numbers are torch's; otherwise complex parameters are refused with a ``TypeError`` naming one.
+
     Example:
         >>> import torch, functrain as ft
         >>> params = {"w": torch.ones(2)}
         >>> constant = ft.adam(lr=0.1).init(params)
         >>> scheduled = ft.adam(lr=ft.schedules.linear_lr(0.1, total_iters=10)).init(params)
         >>> type(constant).__name__, constant.count, type(constant.inner_state[0]).__name__
-        ('ScheduleState', tensor(0), 'ScaleByAdamState')
+        ('AdamState', tensor(0), 'ScaleByAdamState')
         >>> torch.utils._pytree.tree_structure(constant) == torch.utils._pytree.tree_structure(scheduled)
         True
     """
+    if factory is None:  # used as @schedulable(complex_params=True)
+        return functools.partial(schedulable, complex_params=complex_params)
     signature = signature_of(factory)
     # How each argument is passed, as plain tuples: a scheduled factory is called again inside a
     # traced update, where torch.compile cannot look through inspect's objects.
     layout = tuple((p.name, p.kind) for p in signature.parameters.values())
+    state_class = _state_class(factory)
 
     @functools.wraps(factory)
     def build(*args, **kwargs) -> GradientTransformation:
         if not any(_has_schedule(v) for v in (*args, *kwargs.values())):
             # The common case, and the only one inside a traced update (inject_hyperparams passes
             # tensors): no signature work, which torch.compile cannot trace through.
-            return _counted(factory(*args, **kwargs))
+            tx = factory(*args, **kwargs)
+            return _driven(lambda count: tx, tx.update_and_apply is not None, state_class, complex_params)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()  # every argument present, so _arguments places each where it belongs
         scheduled = {
@@ -471,7 +506,8 @@ def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[...,
             if is_hyperparameter(signature.parameters[name], value) and _has_schedule(value)
         }
         if not scheduled:
-            return _counted(factory(*args, **kwargs))
+            tx = factory(*args, **kwargs)
+            return _driven(lambda count: tx, tx.update_and_apply is not None, state_class, complex_params)
         static = {name: value for name, value in bound.arguments.items() if name not in scheduled}
 
         def at(count: Tensor) -> GradientTransformation:
@@ -482,32 +518,99 @@ def schedulable(factory: Callable[..., GradientTransformation]) -> Callable[...,
         # The factory's own checks, once, on the schedules' values at count 0; the result also
         # says whether the transformation built from tensors declares a fast path.
         probe = at(torch.zeros((), dtype=torch.int64))
-        return _driven(at, offered=probe.update_and_apply is not None)
+        return _driven(at, probe.update_and_apply is not None, state_class, complex_params)
 
     return build
 
 
-def _counted(tx: GradientTransformation) -> GradientTransformation:
-    """``tx`` with its state inside a ``ScheduleState``: the structure of a scheduled one."""
-    return _driven(lambda count: tx, offered=tx.update_and_apply is not None)
+def _state_class(factory: Callable[..., GradientTransformation]) -> type[ScheduleState]:
+    """The ``ScheduleState`` subclass that marks a state as built by ``factory`` (``AdamState`` for
+    ``adam``): a state's tree structure then says which optimiser it belongs to, so Adam's state is
+    refused by Adamax's update and by a checkpoint load into an Adamax run, though their tensors
+    have the same shapes. The class lives in the factory's module under its own name, where pickle
+    and ``torch.load(weights_only=True)`` look it up."""
+    name = "".join(part.capitalize() for part in factory.__name__.split("_")) + "State"
+    cls = type(
+        name,
+        (ScheduleState,),
+        {
+            "__slots__": (),
+            "__module__": factory.__module__,
+            "__qualname__": name,
+            "__doc__": f"State of ``ft.{factory.__name__}``: a :class:`ScheduleState` that names its optimiser.",
+            "optimiser": factory.__name__,
+            # set_hyperparams runs the factory's own checks on new values (a plain function, not a method)
+            "factory": staticmethod(factory),
+        },
+    )
+    setattr(sys.modules[factory.__module__], name, cls)
+    return register_state(cls)
 
 
-def _driven(at: Callable[[Tensor], GradientTransformation], offered: bool) -> GradientTransformation:
-    """The transformation that runs ``at(count)``, the inner transformation at the state's count."""
+def describe_state(state: Any) -> str:
+    """What a state is, for an error: the optimiser that built it when it says so."""
+    optimiser = getattr(type(state), "optimiser", None)
+    if isinstance(state, ScheduleState) and optimiser is not None:
+        return f"ft.{optimiser}'s state ({type(state).__name__})"
+    return f"a {type(state).__name__}"
+
+
+def _driven(
+    at: Callable[[Tensor], GradientTransformation], offered: bool, state_class: type, complex_params: bool
+) -> GradientTransformation:
+    """The transformation that runs ``at(count)``, the inner transformation at the state's count,
+    on checked inputs (and on the real views of complex parameters, when it takes them)."""
+    owner = f"ft.{state_class.optimiser}"
+    expected: dict[tuple, Any] = {}  # the last params signature -> the state init builds for it
+
+    def real(tree):
+        if not complex_params and _tree.has_complex(tree):
+            key, leaf = _tree.complex_leaves(tree)[0]
+            raise TypeError(
+                f"{owner} does not support complex parameters ('{key}' is {leaf.dtype}); the optimisers that "
+                "step complex parameters as torch.optim does are sgd, adam, adamw, adamax, nadam, radam, "
+                "adagrad, adadelta, rmsprop, rprop and asgd (or split each into real and imaginary parts "
+                "with torch.view_as_real)"
+            )
+        return _tree.as_real(tree)
+
+    def check(updates, state, params):
+        """Refuses, with the first differing key, inputs that do not belong together (eager only)."""
+        if type(state) is not state_class:
+            raise _tree.TreeMismatchError(
+                f"{owner}.update got {describe_state(state)} as opt_state, not the {state_class.__name__} "
+                f"{owner}'s init builds: pass the state this optimiser's init made (or that its checkpoint holds)"
+            )
+        like = updates if params is None else params
+        if params is not None:
+            _tree.check_same_shapes(params, updates, "params", "updates (gradients)")
+        key = _tree.signature(like)
+        if key not in expected:
+            expected.clear()  # one entry: a model's parameters keep their signature from step to step
+            expected[key] = at(state.count).init(_tree.meta_like(like))
+        given = "the given opt_state.inner_state"
+        _tree.check_like(expected[key], state.inner_state, f"{owner}'s state for these params", given)
 
     def init(params):
+        params = real(params)
         count = step_count(params)
-        return ScheduleState(count, at(count).init(params))
+        return state_class(count, at(count).init(params))
 
     def update(updates, state, params=None, **extra):
-        updates, inner_state = at(state.count).update(updates, state.inner_state, params, **extra)
-        return updates, ScheduleState(state.count + 1, inner_state)
+        real_updates, real_params = real(updates), real(params)
+        if not _tree.tracing():
+            check(real_updates, state, real_params)
+        new_updates, inner_state = at(state.count).update(real_updates, state.inner_state, real_params, **extra)
+        return _tree.as_complex_like(new_updates, updates), state_class(state.count + 1, inner_state)
 
     def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
-        params, inner_state = update_and_apply(
-            at(state.count), updates, state.inner_state, params, donate=donate, **extra
+        real_updates, real_params = real(updates), real(params)
+        if not _tree.tracing():
+            check(real_updates, state, real_params)
+        new_params, inner_state = update_and_apply(
+            at(state.count), real_updates, state.inner_state, real_params, donate=donate, **extra
         )
-        return params, ScheduleState(state.count + 1, inner_state)
+        return _tree.as_complex_like(new_params, params), state_class(state.count + 1, inner_state)
 
     return GradientTransformation(init, update, update_and_apply_inner if offered else None)
 
