@@ -177,6 +177,14 @@ def _split_output(owner: str, out: Any) -> tuple[Tensor, Metrics]:
         )
     if "loss" in metrics:
         raise ValueError(f"{owner}: loss_fn's metrics must not contain 'loss': the step reports the loss itself")
+    for name, value in metrics.items():
+        # Metrics stay on the device (no host sync per step), so each is a 0-d tensor, not a float.
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(
+                f"{owner}: loss_fn's metric {name!r} must be a 0-d tensor (e.g. (logits.argmax(-1) == y).float()"
+                f".mean(), not .item() or a Python number), got {what}"
+            )
     return loss, metrics
 
 
@@ -188,6 +196,19 @@ class _Forward:
         self.module = _LossModule(_stateless_copy(model, training), loss_fn)
         self.expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
         self.autocast_dtype = _PRECISIONS[precision]
+
+    def check_structure(self) -> None:
+        """Refuses a model that grew parameters or buffers while it ran: a submodule created in
+        ``forward`` (or ``loss_fn``) is not in the state, so it would never be trained or saved,
+        and each step would run a fresh random copy of it."""
+        names = [k for k, _ in [*self.module.model.named_parameters(), *self.module.model.named_buffers()]]
+        new = [k for k in names if k not in self.expected]
+        if new:
+            raise ValueError(
+                f"{self.owner}: the model created {new[0]!r} while it ran, so it is not in the state: it would "
+                "never be trained or saved, and every step would run a new random copy. Create every submodule, "
+                "parameter and buffer in __init__ (for lazy modules, run one forward pass before TrainState.create)"
+            )
 
     def __call__(self, params: Params, buffers: dict[str, Tensor], batch: Batch) -> tuple[Tensor, Metrics]:
         """Runs the model; BatchNorm-like modules write their new statistics into ``buffers``."""
@@ -334,6 +355,7 @@ def make_train_step(
         inputs = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
             scaled, (loss, metrics) = loss_for_grad(_tree.unflatten(inputs, spec), buffers, batch, loss_scale)
+        _check_differentiable(scaled, bool(inputs))
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)]
         metrics = {k: v.detach() for k, v in metrics.items()}
@@ -351,7 +373,7 @@ def make_train_step(
             grads = _tree.scale(grads, 1.0 / microbatches)
         return grads, _mean(losses), metrics
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch, inplace: bool = inplace) -> tuple[TrainState, Metrics]:
         _check_state("train step", forward.expected, state)
         loss_scale = _loss_scale_of(state.opt_state, precision)
         # functional_call lets BatchNorm write its running statistics into the buffers it is
@@ -382,7 +404,32 @@ def make_train_step(
             out["loss_scale"] = loss_scale
         return new, out
 
-    return _compiled(step, compile)
+    def first_call(state: TrainState, batch: Batch) -> None:
+        """What only a run of the model shows, checked once before a compiled step is traced: the
+        loss must depend on the parameters (under torch.func.grad a detached loss has zero gradient,
+        silently), and the model must not create parameters while it runs."""
+        _check_state("train step", forward.expected, state)
+        params = {k: p.detach().requires_grad_() for k, p in state.params.items()}
+        buffers = {k: b.clone() for k, b in state.buffers.items()}
+        with torch.enable_grad():
+            loss, _ = forward(params, buffers, _microbatches("train step", batch, microbatches)[0])
+        forward.check_structure()
+        _check_differentiable(loss, bool(params))
+
+    def pure_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        return step(state, batch, inplace=False)
+
+    return _checked(step, pure_step, compile, first_call, forward)
+
+
+def _check_differentiable(loss: Tensor, has_params: bool) -> None:
+    """A loss that does not depend on the parameters has no gradient: refuse it rather than step on zeros."""
+    if has_params and not loss.requires_grad:
+        raise ValueError(
+            "train step: the loss does not depend on the model's parameters (it has no grad_fn): loss_fn "
+            "must compute it from the model's output without .detach(), .item(), torch.no_grad() or "
+            "torch.inference_mode()"
+        )
 
 
 def make_eval_step(
@@ -415,7 +462,11 @@ def make_eval_step(
             loss, metrics = forward(state.params, state.buffers, batch)
         return {"loss": loss, **metrics}
 
-    return _compiled(evaluate, compile)
+    def first_call(state: TrainState, batch: Batch) -> None:
+        evaluate(state, batch)
+        forward.check_structure()
+
+    return _checked(evaluate, evaluate, compile, first_call, forward)
 
 
 def _check_step_args(owner: str, model: Any, loss_fn: Any, compile: Any, precision: Any) -> None:
@@ -453,12 +504,63 @@ def _write_into(old: TrainState, new: TrainState) -> TrainState:
     return old
 
 
-def _compiled(fn: Callable, compile: bool | dict[str, Any]) -> Callable:
+def _checked(
+    fn: Callable, pure_eager: Callable, compile: bool | dict[str, Any], first_call: Callable, forward: _Forward
+) -> Callable:
+    """``fn``, compiled when asked, whose errors are the eager step's: same type, same message."""
     if compile is False:
-        return fn
+        return _EagerStep(fn, forward)
     options = {} if compile is True else dict(compile)
     options.setdefault("fullgraph", True)
-    return torch.compile(_with_own_code(fn), **_with_gemm_pass(options))
+    compiled = torch.compile(_with_own_code(fn), **_with_gemm_pass(options))
+    return _CompiledStep(compiled, pure_eager, first_call)
+
+
+class _EagerStep:
+    """An eager step whose first call also checks that the model created nothing while it ran."""
+
+    def __init__(self, fn: Callable, forward: _Forward):
+        self._fn, self._forward, self._checked = fn, forward, False
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._fn(*args, **kwargs)
+        if not self._checked:
+            self._forward.check_structure()
+            self._checked = True
+        return out
+
+
+class _CompiledStep:
+    """A compiled step that reports functrain's own errors as the eager step does.
+
+    A check that fails while dynamo traces (a state from another optimiser, a batch the model
+    rejects, a float loss) reaches the caller as dynamo's ``Unsupported: Observed exception``, which
+    ``except ValueError`` does not catch. So: the first call checks what only a run of the model
+    shows (see ``make_train_step``'s ``first_call``), and when a call fails, the same inputs go
+    through the pure eager step, which raises the check's own error; when that runs clean, the
+    compiler's error is re-raised as it was. Nothing is re-run on the happy path.
+    """
+
+    def __init__(self, compiled: Callable, pure_eager: Callable, first_call: Callable):
+        self._compiled, self._pure_eager, self._first_call = compiled, pure_eager, first_call
+        self._checked = False
+        functools.update_wrapper(self, pure_eager)
+
+    def __getattr__(self, name: str) -> Any:  # what torch.compile's wrapper offers (e.g. dynamo's cache)
+        return getattr(self._compiled, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._checked:
+            self._first_call(*args, **kwargs)
+            self._checked = True
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            self._pure_eager(*args, **kwargs)  # raises the eager step's own error, chained to the compiler's
+            raise
 
 
 def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
