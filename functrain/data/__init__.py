@@ -17,6 +17,7 @@ from .datasets import (
 )
 from .pipeline import (
     Loader as Loader,
+    LoaderTimeout as LoaderTimeout,
     SampleError as SampleError,
     WorkerError as WorkerError,
     make_loader as make_loader,
@@ -25,6 +26,7 @@ from .pipeline import (
 __all__ = [
     "ImageLabelDataset",
     "Loader",
+    "LoaderTimeout",
     "SampleError",
     "WorkerError",
     "digits",

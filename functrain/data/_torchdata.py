@@ -7,7 +7,10 @@ The pipeline is built from ``torchdata.nodes``' public nodes (``BaseNode``, ``Pa
   worker processes only at the end of their stream, or when they are garbage-collected;
 - noticing that a worker process died: a ``ParallelMapper`` then waits forever for its output.
 
-For both, this module reads the attributes that torchdata 0.11 sets on the nodes' running
+A third, the loader's ``timeout``, needs the first: a batch that does not arrive in time is turned
+into an error by stopping the readers the loader waits on (``interrupt``), so its wait ends.
+
+For all three, this module reads the attributes that torchdata 0.11 sets on the nodes' running
 iterators (listed in :data:`THREAD_ATTRIBUTES` and :data:`MAPPER_ATTRIBUTES`). It checks that all
 of them are there before touching any, so a torchdata that keeps them elsewhere is detected rather
 than crashed on, and the callers fall back:
@@ -16,6 +19,7 @@ than crashed on, and the callers fall back:
   node stops its threads and processes at the end of its stream), with a ``RuntimeWarning``;
 - a process-mode loader refuses to start, with an error that names the torchdata version and what
   to do (threads, or the supported torchdata), instead of risking a hang on a dead worker.
+- a loader with a ``timeout`` warns that it cannot enforce it, and waits as torchdata does.
 
 ``pyproject.toml`` bounds torchdata to ``>=0.11,<0.12`` while these internals are read; the tests
 in ``tests/test_private_apis.py`` check the attributes on a running pipeline and both fallbacks.
@@ -23,7 +27,10 @@ in ``tests/test_private_apis.py`` check the attributes on a running pipeline and
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import signal
 import warnings
 from typing import Any
 
@@ -71,12 +78,16 @@ def mapper_iterator(mapper: Any) -> Any:
     return UNKNOWN if impl is None else _running(impl, MAPPER_ATTRIBUTES)
 
 
-def stop(threaded: list[Any], mapper: Any | None) -> bool:
+def stop(threaded: list[Any], mapper: Any | None, patience: float = 5.0) -> bool:
     """Stops the pipeline's threads and worker processes now, through torchdata 0.11's internals.
 
     ``threaded``: the ``Prefetcher`` / ``PinMemory`` nodes; ``mapper``: the ``ParallelMapper`` when
-    it has workers, else ``None``. Returns ``False``, having touched nothing, when the internals are
-    not where torchdata 0.11 keeps them: the caller then falls back to running the stream out.
+    it has workers, else ``None``. ``patience``: seconds each thread or worker may take to finish the
+    item in hand; then a worker process is terminated (killed if it does not go: a stopped process
+    leaves SIGTERM pending), and a thread, which cannot be killed, is left to end on its own (they are
+    daemons). After a timeout the workers are stuck: the loader passes 0. Returns ``False``, having
+    touched nothing, when the internals are not where torchdata 0.11 keeps them: the caller then falls
+    back to running the stream out.
     """
     iterators = [thread_iterator(node) for node in threaded]
     mapper_it = None if mapper is None else mapper_iterator(mapper)
@@ -89,20 +100,66 @@ def stop(threaded: list[Any], mapper: Any | None) -> bool:
         # The threads reading from the workers stop first: a tensor from a worker process is
         # fetched from that process while it is unpickled, so the worker must outlive the reader.
         mapper_it._stop.set()
+        for worker in mapper_it._workers:
+            _resume(worker)
         for thread in (mapper_it._read_thread, mapper_it._sort_thread):
             if thread.is_alive():
                 thread.join(timeout=1)
         mapper_it._mp_stop.set()
         _drain(mapper_it._in_q)  # workers leave once the stop is set and their input queue is empty
         for worker in mapper_it._workers:
-            worker.join(timeout=5)
+            worker.join(timeout=patience)
             if worker.is_alive() and hasattr(worker, "terminate"):
-                worker.terminate()
-                worker.join(timeout=1)
+                _end_process(worker)
     for it in iterators:
         if it is not None and it._thread.is_alive():
-            it._thread.join(timeout=5)
+            it._thread.join(timeout=patience)
     return True
+
+
+def _resume(worker: Any) -> None:
+    """Continues a worker process that was stopped (SIGSTOP; a no-op for one that runs): the reader
+    may be unpickling its last batch, which needs an answer from it, and killing it instead would
+    raise in torchdata's reader thread. It is stopped for good right after."""
+    if getattr(worker, "pid", None) is not None and hasattr(signal, "SIGCONT") and worker.is_alive():
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGCONT)
+
+
+def _end_process(worker: Any) -> None:
+    worker.terminate()
+    worker.join(timeout=0.5)
+    if worker.is_alive():  # stopped (SIGSTOP): SIGTERM waits for a SIGCONT, SIGKILL does not
+        worker.kill()
+        worker.join(timeout=1)
+
+
+def interrupt(threaded: list[Any], mapper: Any | None) -> bool:
+    """Stops the readers the loader waits on (each node's stop event: its ``next()`` then ends the
+    stream), leaving the workers to :func:`stop`. Returns ``False``, having touched nothing, when the
+    internals are not torchdata 0.11's."""
+    if not interruptible(threaded, mapper):
+        return False
+    for node in threaded:
+        it = thread_iterator(node)
+        if it is not None:
+            it._stop_event.set()
+    mapper_it = None if mapper is None else mapper_iterator(mapper)
+    if mapper_it is not None:
+        mapper_it._stop.set()
+    return True
+
+
+def interruptible(threaded: list[Any], mapper: Any | None) -> bool:
+    """Whether :func:`interrupt` can stop this pipeline's readers (its internals are torchdata 0.11's)."""
+    iterators = [thread_iterator(node) for node in threaded]
+    return not any(it is UNKNOWN for it in (*iterators, None if mapper is None else mapper_iterator(mapper)))
+
+
+def workers(mapper: Any | None) -> list[Any]:
+    """The running ``mapper``'s worker threads or processes; ``[]`` when there is none to see."""
+    it = None if mapper is None else mapper_iterator(mapper)
+    return [] if it is None or it is UNKNOWN else list(it._workers)
 
 
 def dead_worker(mapper: Any) -> Any | None:
@@ -138,7 +195,19 @@ def warn_ran_out() -> None:
         f"loaded and dropped). functrain.data is tested with {SUPPORTED}: install that, or a functrain release "
         f"that supports torchdata {VERSION}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
+    )
+
+
+def warn_timeout_unenforced(timeout: float) -> None:
+    """The warning for a loader whose ``timeout`` cannot stop a pipeline on this torchdata."""
+    warnings.warn(
+        f"functrain.data: make_loader's timeout={timeout:g} is not enforced: torchdata {VERSION} does not keep its "
+        "pipeline's threads where torchdata 0.11 did, so a batch that never arrives cannot be turned into an error "
+        f"and the loader waits for it. functrain.data is tested with {SUPPORTED}: install that, or pass timeout=None "
+        "to silence this warning.",
+        RuntimeWarning,
+        stacklevel=4,
     )
 
 

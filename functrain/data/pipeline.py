@@ -28,6 +28,12 @@ the uninterrupted run exactly. (``torchdata.nodes.Loader`` instead snapshots eve
 the items produced since; its end-of-epoch case needs a look-ahead and a restart. Here the cursor
 rolls over to ``(epoch + 1, 0)`` the moment an epoch's last batch is handed out, so a state saved at
 the boundary resumes at the next epoch: neither skipped nor replayed.)
+
+Failing instead of hanging: a watchdog thread beside the running pipeline (``_watch.Watchdog``) turns a
+worker process that died, or a batch that does not arrive within ``timeout`` seconds, into an error;
+the workers record which sample of which batch they are on (``_watch.Progress``) so that the error
+can name it. A batch that cannot be collated is diagnosed after the fact (nothing is checked on the
+way of a good batch): the error names the samples that differ and how.
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ import atexit
 import contextlib
 import math
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -48,10 +53,13 @@ from torch.utils.data import DistributedSampler, default_collate
 
 from .. import _validate
 from . import _torchdata
+from ._collate import uncollatable
 from ._layout import _map, _tensors, to_chw
 from ._rng import _MAIN_PID, derive_seed, sample_rng
+from ._watch import COLLATING, SENT, Progress, Watchdog, describe_death
 
 _OWNER = "make_loader"
+DEFAULT_TIMEOUT = 600.0  # seconds a loader waits for one batch (see make_loader's timeout)
 
 
 class SampleError(RuntimeError):
@@ -59,7 +67,14 @@ class SampleError(RuntimeError):
 
 
 class WorkerError(RuntimeError):
-    """A worker process of the pipeline died (killed, crashed, or exited) before its epoch ended."""
+    """A worker of the pipeline failed to deliver: a worker process died (killed, crashed, or exited)
+    before its epoch ended, or (:class:`LoaderTimeout`) a batch did not arrive in time."""
+
+
+class LoaderTimeout(WorkerError, TimeoutError):
+    """A batch did not arrive within the loader's ``timeout``; the message names the batch, the worker
+    and the sample it was on, and what every worker was doing. The cursor stays on that batch: the
+    next ``iter()`` restarts the workers there, and ``state_dict()`` resumes there."""
 
 
 # ----------------------------------------------------------------------------- nodes and stages
@@ -118,37 +133,59 @@ class _LoadBatch:
     """Loads, converts and transforms each sample of a batch of indices, then collates them.
 
     Runs in the worker threads (or processes). Each sample draws its random numbers from a stream
-    seeded by ``(seed, epoch, index)``: the same augmentation whichever worker runs it, when.
+    seeded by ``(seed, epoch, index)``: the same augmentation whichever worker runs it, when. The
+    worker records in ``progress`` which sample it is on, for the loader's timeout error.
     """
 
-    def __init__(self, dataset, transform, seed: int, collate: Callable, finish: Callable | None):
+    def __init__(self, dataset, transform, seed: int, collate: Callable, finish: Callable | None, progress: Progress):
         self.dataset, self.transform, self.seed, self.collate = dataset, transform, seed, collate
         self.finish = finish  # the batch's CPU end (_Finish) when batches stay on the CPU
+        self.progress = progress
 
     def __call__(self, item: tuple[int, int, list[int]]) -> _Batch:
         epoch, number, indices = item
+        row = self.progress.claim(epoch, number)
         # In a worker process nothing else draws from the global CPU generator: reseeding it per
         # sample is exact and free. In a thread, a thread-local mode redirects the draws instead.
         rng = None if os.getpid() != _MAIN_PID else sample_rng(0)
-        samples = []
+        samples: list[Any] = []
+        none_from: dict[int, str] = {}  # sample index -> what returned None: named if collate fails on it
         with rng if rng is not None else contextlib.nullcontext():
             for index in indices:
+                self.progress.mark(row, index)
                 seed = derive_seed(self.seed, epoch, index)
                 if rng is None:
                     torch.default_generator.manual_seed(seed)
                 else:
                     rng.reseed(seed)
-                try:
-                    sample = to_chw(self.dataset[index])
-                    if self.transform is not None:
-                        sample = self.transform(sample)
-                except Exception as error:
-                    raise SampleError(
-                        f"functrain.data: sample {index} (epoch {epoch}) failed: {type(error).__name__}: {error}"
-                    ) from error
-                samples.append(sample)
-        batch = _Batch(epoch, number, self.collate(samples))
-        return batch if self.finish is None else self.finish(batch)
+                samples.append(self._sample(index, epoch, none_from))
+        self.progress.mark(row, COLLATING)
+        try:
+            data = self.collate(samples)
+        except Exception as error:
+            raise SampleError(uncollatable(samples, indices, epoch, number, none_from, error)) from error
+        batch = _Batch(epoch, number, data)
+        batch = batch if self.finish is None else self.finish(batch)
+        self.progress.mark(row, SENT)
+        return batch
+
+    def _sample(self, index: int, epoch: int, none_from: dict[int, str]) -> Any:
+        """``transform(to_chw(dataset[index]))``, an error in either named by the sample. ``None`` is
+        let through (a custom collate may drop such samples) and its origin noted in ``none_from``."""
+        try:
+            sample = self.dataset[index]
+            if sample is None:
+                none_from[index] = f"dataset[{index}] returned None"
+            sample = to_chw(sample)
+            if self.transform is not None:
+                sample = self.transform(sample)
+                if sample is None and index not in none_from:
+                    none_from[index] = "transform returned None"
+        except Exception as error:
+            raise SampleError(
+                f"functrain.data: sample {index} (epoch {epoch}) failed: {type(error).__name__}: {error}"
+            ) from error
+        return sample
 
 
 class _Finish:
@@ -200,15 +237,33 @@ class Loader:
       augmentation included. A state_dict of another pipeline (dataset length, batch size, seed,
       shuffle, drop_last, rank or world size differ) raises ``ValueError``.
     - One iteration at a time: starting a second ``iter()`` invalidates the first.
+    - A batch that does not arrive within ``timeout`` seconds raises :class:`LoaderTimeout` (the
+      cursor stays on it); a worker process that dies raises :class:`WorkerError`.
 
     The workers start on the first ``iter()`` and live as long as the loader; a loaded state or
     ``set_epoch`` restarts them at the new cursor, an error restarts them on the next ``iter()``.
     """
 
-    def __init__(self, *, batches, root, threaded, finish, n_batches, fingerprint, device, mapper, watch):
+    def __init__(
+        self,
+        *,
+        batches,
+        root,
+        threaded,
+        finish,
+        n_batches,
+        fingerprint,
+        device,
+        mapper,
+        watch_deaths,
+        timeout,
+        progress,
+    ):
         self._batches, self._root, self._threaded, self._finish = batches, root, threaded, finish
         self._n_batches, self._fingerprint, self._device = n_batches, fingerprint, device
-        self._mapper, self._watch = mapper, watch
+        self._mapper, self._watch_deaths, self._timeout, self._progress = mapper, watch_deaths, timeout, progress
+        self._watchdog: Watchdog | None = None  # watches the running pipeline (see _start_watchdog)
+        self._warned_unenforced = False
         self.epoch, self.batch = 0, 0
         self._stream: tuple[int, int] | None = None  # the next (epoch, batch) the pipeline will give
         self._generation = 0
@@ -216,6 +271,11 @@ class Loader:
 
     def __len__(self) -> int:
         return self._n_batches
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds the loader waits for a batch before raising :class:`LoaderTimeout` (None: forever)."""
+        return self._timeout
 
     def set_epoch(self, epoch: int) -> None:
         """Moves the cursor to the first batch of ``epoch``."""
@@ -266,9 +326,17 @@ class Loader:
         torchdata keeps them elsewhere, the stream is ended at its source and run out instead
         (slower: the batches in flight are loaded), with a ``RuntimeWarning``.
         """
+        self._stop_pipeline(patience=5.0)
+
+    def _stop_pipeline(self, patience: float) -> None:
+        """``close()``, giving each worker ``patience`` seconds to finish the batch in hand before a
+        worker process is terminated (after a timeout the workers are stuck: no patience)."""
         self._generation += 1
-        running, self._stream = self._stream is not None, None
-        if not _torchdata.stop(self._threaded, self._mapper) and running:
+        self._stop_watchdog()
+        if self._stream is None:  # nothing started since the last stop (a stuck thread is not waited for twice)
+            return
+        self._stream = None
+        if not _torchdata.stop(self._threaded, self._mapper, patience):
             _torchdata.warn_ran_out()
             self._run_out()
 
@@ -290,54 +358,94 @@ class Loader:
             self._batches.epoch, self._batches.number = epoch, start
             self._root.reset()  # (re)starts the workers; a previous pipeline's are shut down
             self._stream = (epoch, start)
-            if self._watch and _torchdata.mapper_iterator(self._mapper) is _torchdata.UNKNOWN:
+            if self._watch_deaths and _torchdata.mapper_iterator(self._mapper) is _torchdata.UNKNOWN:
                 # No way to see a worker process die: refuse rather than risk hanging on one.
                 self._stream = None
                 self._run_out()
                 raise _torchdata.process_workers_unsupported()
-        watchdog = _Watchdog(self._mapper) if self._watch else None
+            self._watchdog = self._start_watchdog()
         cuda = self._device is not None and self._device.type == "cuda"
         stream = torch.cuda.Stream(self._device) if cuda else None
         try:
             # On CUDA the next batch is pulled, copied and finished on the side stream one batch
             # ahead, so its copy overlaps the current batch's compute; elsewhere no lookahead (an
             # error then surfaces at the batch it belongs to).
-            pending = self._pull(stream, watchdog) if stream is not None else None
+            pending = self._pull(stream) if stream is not None else None
             for number in range(start, self._n_batches):
                 if generation != self._generation:
                     raise RuntimeError("Loader: another iteration of this loader started (or a state was loaded)")
                 if stream is None:
-                    batch, _ = self._pull(stream, watchdog)
+                    batch, _ = self._pull(stream)
                 else:
                     batch, ready = pending
                     if number + 1 < self._n_batches:
-                        pending = self._pull(stream, watchdog)
+                        pending = self._pull(stream)
                     current = torch.cuda.current_stream(self._device)
                     current.wait_event(ready)
                     for t in _tensors(batch):
                         t.record_stream(current)  # made on the side stream, used on this one
                 self.epoch, self.batch = (epoch + 1, 0) if number + 1 == self._n_batches else (epoch, number + 1)
                 yield batch
-        except Exception:
+        except Exception as error:
             if generation == self._generation:  # (a superseded iteration leaves the pipeline alone)
-                self.close()  # the pipeline broke or is out of step: stop it; the next iter() restarts it
+                # The pipeline broke or is out of step: stop it; the next iter() restarts it. After a
+                # timeout its workers are stuck: they are not given time to finish.
+                self._stop_pipeline(patience=0.0 if isinstance(error, LoaderTimeout) else 5.0)
             raise
-        finally:
-            if watchdog is not None:
-                watchdog.stop()
 
-    def _pull(self, stream, watchdog) -> tuple[Any, Any]:
-        """The pipeline's next batch, checked to be the one expected; on CUDA, copied and finished on
-        ``stream``, with the event that marks it ready."""
+    def _start_watchdog(self) -> Watchdog | None:
+        """A watchdog for the pipeline just (re)started, when there is something to watch: worker
+        processes that may die, or a timeout. It lives as long as the pipeline (a thread per epoch
+        would only churn). A timeout needs torchdata 0.11's internals to stop the wait: without them
+        it warns (once) and is not enforced."""
+        self._stop_watchdog()
+        timeout = self._timeout
+        if timeout is not None and not _torchdata.interruptible(self._threaded, self._mapper):
+            if not self._warned_unenforced:
+                _torchdata.warn_timeout_unenforced(timeout)
+                self._warned_unenforced = True
+            timeout = None
+        if not self._watch_deaths and timeout is None:
+            return None
+        return Watchdog(
+            threaded=self._threaded,
+            mapper=self._mapper,
+            watch_deaths=self._watch_deaths,
+            timeout=timeout,
+            progress=self._progress,
+        )
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+    def _next_item(self) -> _Batch:
+        """The pipeline's next item, or the watchdog's error: a dead worker, a batch too late."""
         epoch, number = self._stream
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.waiting(epoch, number)
         try:
             item = next(self._root)
         except StopIteration:
-            if watchdog is not None and watchdog.dead is not None:
-                raise WorkerError(watchdog.describe()) from None
-            raise RuntimeError(f"Loader: the pipeline stopped before batch {number} of epoch {epoch}") from None
+            item = None
+        finally:
+            if watchdog is not None:
+                watchdog.arrived()
         if watchdog is not None and watchdog.dead is not None:
-            raise WorkerError(watchdog.describe())
+            raise WorkerError(describe_death(watchdog.dead))
+        if watchdog is not None and watchdog.late is not None:
+            raise LoaderTimeout(watchdog.late)
+        if item is None:
+            raise RuntimeError(f"Loader: the pipeline stopped before batch {number} of epoch {epoch}")
+        return item
+
+    def _pull(self, stream) -> tuple[Any, Any]:
+        """The pipeline's next batch, checked to be the one expected; on CUDA, copied and finished on
+        ``stream``, with the event that marks it ready."""
+        epoch, number = self._stream
+        item = self._next_item()
         if (item.epoch, item.number) != (epoch, number):  # ParallelMapper keeps order: a bug if not
             raise RuntimeError(f"Loader: expected batch {number} of epoch {epoch}, got {item.number} of {item.epoch}")
         self._stream = (epoch + 1, 0) if number + 1 == self._n_batches else (epoch, number + 1)
@@ -369,37 +477,6 @@ def _close_live_loaders() -> None:
         loader.close()
 
 
-class _Watchdog(threading.Thread):
-    """Watches a process-mode ParallelMapper's workers: torchdata 0.11 waits forever for the output of
-    a worker that died, so when one dies the watchdog stops the mapper (its iterator then ends) and
-    the loader raises :class:`WorkerError` instead of hanging."""
-
-    def __init__(self, mapper: tn.ParallelMapper):
-        super().__init__(daemon=True, name="functrain-data-watchdog")
-        self.mapper, self.dead = mapper, None
-        self._stop_event = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(0.05):
-            # Stops the mapper's readers when a worker died (its iterator then ends); the loader's
-            # close() then stops the other workers, after the readers, so no read is cut off midway.
-            self.dead = _torchdata.dead_worker(self.mapper)
-            if self.dead is not None:
-                return
-
-    def describe(self) -> str:
-        code = self.dead.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        return (
-            f"Loader: worker process {self.dead.pid} {how} before its epoch ended "
-            "(out of memory? a crash in native code? os._exit in the dataset?)"
-        )
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
 # ----------------------------------------------------------------------------- the builder
 
 
@@ -422,6 +499,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     collate: Callable = default_collate,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Loader:
     """A map-style dataset as a shuffled, augmented, batched, resumable :class:`Loader`.
 
@@ -463,7 +541,13 @@ def make_loader(
             (``DistributedSampler``'s split: with ``drop_last=False`` a few samples repeat to even
             the ranks out).
         world_size: the number of ranks sharing each epoch.
-        collate: turns a list of samples into a batch.
+        collate: turns a list of samples into a batch. When it fails, :class:`SampleError` names
+            the batch's samples that are (or hold) None or differ in structure or shape.
+        timeout: seconds to wait for each batch (as ``DataLoader(timeout=)``; the first batch's wait
+            includes starting the workers), then raise :class:`LoaderTimeout`, naming the worker and
+            the sample it is stuck on, instead of hanging on a ``__getitem__`` that never returns or
+            a stopped worker. The default, 600 (10 minutes), is far beyond any healthy batch and
+            bounds what a stuck job wastes; ``None`` waits forever (``DataLoader``'s default).
 
     Returns:
         A :class:`Loader`: ``for batch in loader`` is one epoch, ``len(loader)`` its batches.
@@ -471,6 +555,10 @@ def make_loader(
     Raises:
         ValueError: a bad argument, or ``drop_last`` with ``batch_size`` larger than the samples a
             rank sees per epoch (every epoch would be empty).
+        SampleError: (while iterating) a sample failed to load or transform, or a batch's samples
+            cannot be collated; the message names the sample indices.
+        LoaderTimeout: (while iterating) a batch did not arrive within ``timeout``.
+        WorkerError: (while iterating) a worker process died.
 
     Example:
         >>> import torch, functrain as ft
@@ -494,6 +582,7 @@ def make_loader(
     world_size = _validate.integer(_OWNER, "world_size", world_size, 1)
     rank = _validate.integer(_OWNER, "rank", rank, 0, world_size - 1)
     _validate.one_of(_OWNER, "worker_method", worker_method, ("thread", "process"))
+    timeout = _validate.seconds(_OWNER, "timeout", timeout)
     for name, value in (("transform", transform), ("batch_transform", batch_transform), ("collate", collate)):
         if value is not None and not callable(value):
             raise TypeError(f"{_OWNER}: {name} must be callable, got {type(value).__name__}")
@@ -520,10 +609,13 @@ def make_loader(
 
     batches = _BatchIndices(sampler, batch_size, n_batches)
     finish = _Finish(device, dtype, channels_last, batch_transform, seed, rank)
+    # More rows than batches the queues can hold in flight (2 * num_workers in the mapper, prefetch
+    # in each thread node), so the batches being loaded never share a row.
+    progress = Progress(slots=2 * num_workers + 2 * prefetch + 4, n_batches=n_batches)
     mapper = tn.ParallelMapper(
         batches,
         # Batches that stay on the CPU are finished in the worker, right after collation.
-        _LoadBatch(dataset, transform, seed, collate, finish if device is None else None),
+        _LoadBatch(dataset, transform, seed, collate, finish if device is None else None, progress),
         num_workers=num_workers,
         method=worker_method,
         multiprocessing_context=multiprocessing_context,
@@ -559,5 +651,7 @@ def make_loader(
         fingerprint=fingerprint,
         device=device,
         mapper=mapper if num_workers > 0 else None,  # with no workers it runs inline: nothing to stop or watch
-        watch=worker_method == "process" and num_workers > 0,
+        watch_deaths=worker_method == "process" and num_workers > 0,
+        timeout=timeout,
+        progress=progress,
     )
