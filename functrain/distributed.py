@@ -3,7 +3,7 @@ shard of the batch, and the gradients are averaged across ranks before the optim
 
 .. code-block:: python
 
-    torch.distributed.init_process_group("gloo")             # or "nccl"; torchrun sets the env
+    ft.distributed.init()          # torchrun sets the env; collectives time out after 10 minutes
     tx = ft.chain(ft.distributed.sync_gradients(), ft.adamw(lr=1e-3))
     state = ft.distributed.broadcast_state(ft.TrainState.create(model, tx))   # rank 0's weights
     step = ft.make_train_step(model, loss_fn, tx, reduce_buffers=ft.distributed.mean_over_ranks)
@@ -16,6 +16,9 @@ state stays identical on every rank without ever being communicated.
 
 from __future__ import annotations
 
+import math
+import numbers
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,8 +35,90 @@ from .base import EmptyState, GradientTransformation
 
 _HOW_TO_START = (
     "no torch.distributed process group is initialised: launch with `torchrun --nproc_per_node=N script.py` "
-    'and call torch.distributed.init_process_group("gloo") (CPU) or ("nccl") (GPU) before training'
+    "and call ft.distributed.init() (or torch.distributed.init_process_group) before training"
 )
+
+DEFAULT_TIMEOUT = 600.0  # seconds; see init()
+
+
+def init(
+    backend: str | None = None,
+    *,
+    timeout: float | timedelta = DEFAULT_TIMEOUT,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+) -> None:
+    """Starts ``torch.distributed`` (``init_process_group``) with a collective timeout that a stalled
+    job fails within.
+
+    When a rank stalls (a hung data loader, a deadlock, a stopped process), the other ranks wait
+    inside their next collective. ``timeout`` bounds
+    that wait: they raise (gloo: a ``RuntimeError`` "Timed out waiting ... ms"; NCCL: its watchdog
+    aborts the process), and the launcher (torchrun) stops the job instead of letting it hang.
+    The same bound applies to the rendezvous (a rank that never starts).
+
+    The default, 10 minutes, is torch's NCCL default; torch's gloo default is 30 minutes, which
+    leaves a stalled CPU job idle for half an hour. Ten minutes is far beyond a healthy collective
+    (milliseconds to seconds) yet short against a job's run. Work that one rank does while the
+    others wait in a collective must fit within it: rank 0 writing a large checkpoint or running an
+    evaluation alone, or a first compile that takes much longer on one rank. Raise it for those.
+
+    Args:
+        backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA), or ``None``: torch's choice (gloo for CPU
+            tensors, and NCCL for CUDA tensors when CUDA is available).
+        timeout: seconds (or a ``datetime.timedelta``) a collective, or the rendezvous, may wait
+            for the other ranks before it raises.
+        rank: this process's rank; ``None`` reads ``RANK`` from the environment (torchrun sets it).
+        world_size: the number of ranks; ``None`` reads ``WORLD_SIZE`` from the environment.
+        init_method: where the ranks meet (``"tcp://host:port"``, ``"file:///path"``); ``None``
+            reads ``MASTER_ADDR`` and ``MASTER_PORT`` from the environment.
+
+    Raises:
+        TypeError: an argument of the wrong type, named.
+        ValueError: an argument out of range, named.
+        RuntimeError: a process group is already initialised.
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.distributed.init("gloo", timeout=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: ft.distributed.init: timeout must be a number of seconds > 0 or a datetime.timedelta, got 0
+    """
+    owner = "ft.distributed.init"
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f'{owner}: backend must be a str ("gloo", "nccl", ...) or None, got {type(backend).__name__}')
+    seconds = _timeout_seconds(owner, timeout)
+    if world_size is not None:
+        world_size = _validate.integer(owner, "world_size", world_size, 1)
+    if rank is not None:
+        rank = _validate.integer(owner, "rank", rank, 0, None if world_size is None else world_size - 1)
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError(
+            f"{owner}: a process group is already initialised; call torch.distributed.destroy_process_group() "
+            "first to start another"
+        )
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        timeout=timedelta(seconds=seconds),
+        rank=-1 if rank is None else rank,
+        world_size=-1 if world_size is None else world_size,
+    )
+
+
+def _timeout_seconds(owner: str, timeout: Any) -> float:
+    allowed = "a number of seconds > 0 or a datetime.timedelta"
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{owner}: timeout must be {allowed}, got {type(timeout).__name__}: {timeout!r}")
+    else:
+        seconds = float(timeout)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{owner}: timeout must be {allowed}, got {timeout!r}")
+    return seconds
 
 
 def _require_process_group(owner: str) -> None:
