@@ -131,12 +131,12 @@ def test_stopped_worker_processes_time_out_and_are_cleaned_up():
 def test_a_slow_but_steady_pipeline_does_not_time_out():
     class Slow(Indices):
         def __getitem__(self, i):
-            time.sleep(0.02)
+            time.sleep(0.05)
             return i
 
-    # Each batch takes ~0.08 s, the epoch ~0.8 s: the timeout is per batch, not per epoch.
-    loader = ft.data.make_loader(Slow(40), 4, shuffle=False, num_workers=1, timeout=0.5)
-    assert [b.tolist() for b in loader] == [[4 * b + k for k in range(4)] for b in range(10)]
+    # Each batch takes ~0.2 s, the epoch ~4 s: the timeout bounds the wait for one batch, not an epoch.
+    loader = ft.data.make_loader(Slow(80), 4, shuffle=False, num_workers=1, timeout=1.5)
+    assert [b.tolist() for b in loader] == [[4 * b + k for k in range(4)] for b in range(20)]
 
 
 def test_the_default_timeout_is_finite_and_none_waits_forever():
