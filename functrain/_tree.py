@@ -67,11 +67,28 @@ def check_same_shapes(a: Tree, b: Tree, name_a: str = "first", name_b: str = "se
     if spec_a != spec_b:
         raise TreeMismatchError(f"{name_a} and {name_b} have different structures; {first_difference(a, b)}")
     for i, (x, y) in enumerate(zip(flat_a, flat_b)):
+        if isinstance(x, Tensor) != isinstance(y, Tensor):  # a None gradient, a float
+            tensor_side, other, other_name = (name_a, y, name_b) if isinstance(x, Tensor) else (name_b, x, name_a)
+            raise TreeMismatchError(
+                f"{other_name} at {_keyed_leaves(a)[i] or '<root>'} is {type(other).__name__}, not a tensor as in "
+                f"{tensor_side}" + (" (a parameter without a gradient: give it zeros)" if other is None else "")
+            )
         if isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape != y.shape:
             raise TreeMismatchError(
                 f"{name_a} and {name_b} differ in shape at {_keyed_leaves(a)[i] or '<root>'}: "
                 f"{tuple(x.shape)} vs {tuple(y.shape)}"
             )
+
+
+def check_updates(updates: Tree, params: Tree | None) -> None:
+    """Updates of the params' structure and shapes (when given), every leaf a tensor: a ``None``
+    gradient or a float is named here rather than failing inside a transform's arithmetic."""
+    if params is not None:
+        check_same_shapes(params, updates, "params", "updates (gradients)")
+        return
+    for key, leaf in zip(_keyed_leaves(updates), pytree.tree_leaves(updates)):
+        if not isinstance(leaf, Tensor):
+            raise TreeMismatchError(f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor")
 
 
 def check_like(expected: Tree, actual: Tree, name_expected: str, name_actual: str) -> None:
@@ -89,7 +106,7 @@ def check_like(expected: Tree, actual: Tree, name_expected: str, name_actual: st
         if isinstance(x, Tensor) and isinstance(y, Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
             what = "shape" if x.shape != y.shape else "dtype"
             raise TreeMismatchError(
-                f"{name_expected} and {name_actual} differ in {what} at {_keyed_leaves(actual)[i] or '<root>'}: "
+                f"{name_expected} and {name_actual} differ in {what} at {name_actual}{_keyed_leaves(actual)[i]}: "
                 + (f"{tuple(x.shape)} vs {tuple(y.shape)}" if what == "shape" else f"{x.dtype} vs {y.dtype}")
             )
 

@@ -9,7 +9,16 @@ import torch
 from torch import Tensor
 
 from . import _tree
-from .base import GradientTransformation, OptState, apply_updates_to, empty_init, register_state, update_and_apply
+from .base import (
+    GradientTransformation,
+    OptState,
+    apply_updates_to,
+    check_state_type,
+    describe_state,
+    empty_init,
+    register_state,
+    update_and_apply,
+)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -33,18 +42,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(tx.init(params) for tx in transforms)
 
-    def check(state):
-        if not isinstance(state, (tuple, list)) or len(state) != len(transforms):
-            given = f"{len(state)} entries" if isinstance(state, (tuple, list)) else type(state).__name__
-            raise ValueError(f"chain: state holds {given} for {len(transforms)} transforms")
+    def check(updates, state, params):
+        # A NamedTuple is a tuple too: another optimiser's state (AdamState(count, inner)) is not a chain's.
+        if not isinstance(state, (tuple, list)) or hasattr(state, "_fields"):
+            raise ValueError(
+                f"chain: opt_state is {describe_state(state)}, not the tuple of states chain's init builds"
+            )
+        if len(state) != len(transforms):
+            raise ValueError(f"chain: state holds {len(state)} entries for {len(transforms)} transforms")
+        _tree.check_updates(updates, params)
 
     def update(updates, state, params=None, **extra):
-        check(state)
+        check(updates, state, params)
         return _update_through(transforms, updates, state, params, extra)
 
     def update_and_apply_last(updates, state, params, *, donate=False, **extra):
         # The head's updates, then the last transform's own fast path (AdamW's fused kernel after clipping).
-        check(state)
+        check(updates, state, params)
         updates, head = _update_through(transforms[:-1], updates, state[:-1], params, extra)
         params, last = update_and_apply(transforms[-1], updates, state[-1], params, donate=donate, **extra)
         return params, (*head, last)
@@ -108,9 +122,10 @@ def named_chain(
     def init(params):
         return {name: tx.init(params) for name, tx in named.items()}
 
-    def check(state):
+    def check(updates, state, params):
+        _tree.check_updates(updates, params)
         if not isinstance(state, dict) or state.keys() != named.keys():
-            given = list(state) if isinstance(state, dict) else type(state).__name__
+            given = list(state) if isinstance(state, dict) else describe_state(state)
             missing = [name for name in named if not isinstance(state, dict) or name not in state]
             unexpected = [name for name in state if name not in named] if isinstance(state, dict) else []
             raise ValueError(
@@ -119,12 +134,12 @@ def named_chain(
             )
 
     def update(updates, state, params=None, **extra):
-        check(state)
+        check(updates, state, params)
         updates, new_states = _update_through(named.values(), updates, [state[name] for name in named], params, extra)
         return updates, dict(zip(named, new_states))
 
     def update_and_apply_last(updates, state, params, *, donate=False, **extra):
-        check(state)
+        check(updates, state, params)
         *head, last = named
         updates, new_states = _update_through(
             [named[name] for name in head], updates, [state[name] for name in head], params, extra
@@ -223,9 +238,18 @@ def partition(transforms: dict[Hashable, GradientTransformation], labels: Labels
         groups = _tree.group_by_label(params, assigned, transforms)
         return PartitionState({label: tx.init(groups[label]) for label, tx in transforms.items()})
 
+    def check(updates, state, params):
+        check_state_type("ft.partition", state, PartitionState)
+        if state.inner_states.keys() != transforms.keys():
+            raise _tree.TreeMismatchError(
+                f"ft.partition.update got a state for the labels {sorted(map(repr, state.inner_states))}, "
+                f"not {sorted(map(repr, transforms))}: pass the state this partition's init made"
+            )
+
     def update(updates, state, params=None, **extra):
         if params is not None:
             _tree.check_same_structure(updates, params, "partition: updates", "params")
+        check(updates, state, params)
         assigned = label_of_each(updates if params is None else params)
         grouped_updates = _tree.group_by_label(updates, assigned, transforms)
         grouped_params = (
@@ -241,6 +265,7 @@ def partition(transforms: dict[Hashable, GradientTransformation], labels: Labels
     def update_and_apply_groups(updates, state, params, *, donate=False, **extra):
         # Each group through its own transform's fast path (or reference): per-group settings, one pass each.
         _tree.check_same_structure(updates, params, "partition: updates", "params")
+        check(updates, state, params)
         assigned = label_of_each(params)
         grouped_updates = _tree.group_by_label(updates, assigned, transforms)
         grouped_params = _tree.group_by_label(params, assigned, transforms)
@@ -317,9 +342,13 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         assigned = mask_of_each(params)
         return MaskedState(inner.init(_tree.group_by_label(params, assigned, (True, False))[True]))
 
+    def check(updates, state, params):
+        check_state_type("ft.masked", state, MaskedState)
+
     def update(updates, state, params=None, **extra):
         if params is not None:
             _tree.check_same_structure(updates, params, "masked: updates", "params")
+        check(updates, state, params)
         assigned = mask_of_each(updates if params is None else params)
         groups = _tree.group_by_label(updates, assigned, (True, False))
         selected_params = None if params is None else _tree.group_by_label(params, assigned, (True, False))[True]
@@ -329,6 +358,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     def update_and_apply_selected(updates, state, params, *, donate=False, **extra):
         # The selected leaves through inner's fast path; the others' updates are added unchanged.
         _tree.check_same_structure(updates, params, "masked: updates", "params")
+        check(updates, state, params)
         assigned = mask_of_each(params)
         grouped_updates = _tree.group_by_label(updates, assigned, (True, False))
         grouped_params = _tree.group_by_label(params, assigned, (True, False))

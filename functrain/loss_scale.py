@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _tree, _validate
-from .base import GradientTransformation, OptState, register_state, step_count
+from .base import GradientTransformation, OptState, register_state, state_check, step_count
 
 
 @register_state
@@ -73,7 +73,10 @@ def dynamic_loss_scale(
             tx.init(params),
         )
 
+    check = state_check("ft.dynamic_loss_scale", init)
+
     def update(updates, state, params=None, **extra):
+        check(updates, state, params)
         inv_scale = state.scale.double().reciprocal().float()  # GradScaler.unscale_'s rounding
         # A float32 multiplier: fp16 gradients keep their dtype but are unscaled in float32 maths,
         # as GradScaler's kernel does (1/S itself underflows in fp16 for S >= 2**25).

@@ -292,11 +292,16 @@ def test_eager_updates_reuse_the_inner_transformation_until_a_value_is_replaced(
     state = tx.init(params)
     for _ in range(3):
         updates, state = tx.update({"w": torch.ones(2)}, state, params)
-    assert len(calls) == 2  # the build-time check, then init; the updates reuse init's transform
+    # The build-time check, then init; the updates reuse init's transform. (Once, the first update's
+    # input check also runs init on meta tensors: the state's expected structure, no memory.)
+    def real_calls():
+        return [lr for lr in calls if not (isinstance(lr, torch.Tensor) and lr.device.type == "meta")]
+
+    assert len(real_calls()) == 2
     state = ft.set_hyperparams(state, lr=0.5)
     for _ in range(2):
         updates, state = tx.update({"w": torch.ones(2)}, state, params)
-    assert len(calls) == 3 and torch.equal(updates["w"], torch.full((2,), -0.5))
+    assert len(real_calls()) == 3 and torch.equal(updates["w"], torch.full((2,), -0.5))
     scheduled = ft.inject_hyperparams(factory)(lr=lambda count: 0.1 * (count + 1).to(torch.float64))
     state = scheduled.init(params)
     steps = []

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import GradientTransformation, OptState, Updates, register_state, step_count
+from ..base import GradientTransformation, OptState, Updates, register_state, state_check, step_count
 from ._common import find_one_state
 
 
@@ -80,7 +80,10 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
         count = step_count(params)
         return AccumulateState(count, count.clone(), _tree.zeros_like(params), tx.init(params))
 
+    check = state_check("ft.accumulate", init)
+
     def update(updates, state, params=None, **extra):
+        check(updates, state, params)
         gradient_sum = _tree.add(state.gradient_sum, updates)  # in the buffer's (params') dtype
         completes_window = state.mini_step == every - 1
         # every=1: hand tx the gradients themselves, so the result is tx's bit for bit (0 + g is not

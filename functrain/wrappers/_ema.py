@@ -15,6 +15,7 @@ from ..base import (
     Params,
     register_state,
     require_params,
+    state_check,
     step_count,
     value_at,
 )
@@ -68,7 +69,10 @@ def ema_params(decay: Hyperparameter = 0.999) -> GradientTransformation:
     def init(params):
         return EmaParamsState(count=step_count(params), ema=_tree.map(torch.clone, params))
 
+    check = state_check("ft.ema_params", init)
+
     def update(updates, state, params=None, **extra):
+        check(updates, state, params)
         require_params("ema_params", params)
         new_params = _tree.add(params, updates)  # exactly what apply_updates will produce
         weight = 1 - value_at(decay, state.count)

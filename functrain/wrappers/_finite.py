@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import GradientTransformation, OptState, register_state, step_count
+from ..base import GradientTransformation, OptState, register_state, state_check, step_count
 
 
 @register_state
@@ -83,7 +83,10 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
             count, torch.ones((), dtype=torch.bool, device=count.device), count.clone(), tx.init(params)
         )
 
+    check = state_check("ft.apply_if_finite", init)
+
     def update(updates, state, params=None, **extra):
+        check(updates, state, params)
         inner_updates, inner_state = tx.update(updates, state.inner_state, params, **extra)
         # The gradients are checked too: a transform may map a NaN to a finite update (a sign, a
         # clipped norm) while its state has already taken the NaN in.

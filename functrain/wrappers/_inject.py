@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import _tree
 from .._hoist import hoist
-from ..base import GradientTransformation, OptState, register_state, step_count, update_and_apply
+from ..base import GradientTransformation, OptState, register_state, state_check, step_count, update_and_apply
 from ._common import find_one_state
 
 
@@ -210,8 +210,9 @@ def inject_hyperparams(
         cache: list[tuple[dict[str, Any], GradientTransformation]] = []  # the last (hyperparams, transform)
 
         def inner(hyperparams: dict[str, Any]) -> GradientTransformation:
-            # Under torch.compile (or vmap/grad) this runs once, at trace time: nothing to save.
-            if _tree.tracing():
+            # Under torch.compile (or vmap/grad) this runs once, at trace time: nothing to save; on
+            # meta tensors it is an input check's init (base.state_check), which must not evict the real one.
+            if _tree.tracing() or any(v.is_meta for v in _tree.leaves(hyperparams) if isinstance(v, Tensor)):
                 return call(hyperparams)
             if cache and _same_objects(cache[0][0], hyperparams):
                 return cache[0][1]
@@ -228,12 +229,16 @@ def inject_hyperparams(
         def current(state):
             return _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
 
+        check = state_check(f"ft.inject_hyperparams({name})", init)
+
         def update(updates, state, params=None, **extra):
+            check(updates, state, params)
             hyperparams = current(state)
             updates, inner_state = inner(hyperparams).update(updates, state.inner_state, params, **extra)
             return updates, InjectHyperparamsState(state.count + 1, hyperparams, inner_state)
 
         def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
+            check(updates, state, params)
             hyperparams = current(state)
             params, inner_state = update_and_apply(
                 inner(hyperparams), updates, state.inner_state, params, donate=donate, **extra
@@ -547,21 +552,12 @@ def _state_class(factory: Callable[..., GradientTransformation]) -> type[Schedul
     return register_state(cls)
 
 
-def describe_state(state: Any) -> str:
-    """What a state is, for an error: the optimiser that built it when it says so."""
-    optimiser = getattr(type(state), "optimiser", None)
-    if isinstance(state, ScheduleState) and optimiser is not None:
-        return f"ft.{optimiser}'s state ({type(state).__name__})"
-    return f"a {type(state).__name__}"
-
-
 def _driven(
     at: Callable[[Tensor], GradientTransformation], offered: bool, state_class: type, complex_params: bool
 ) -> GradientTransformation:
     """The transformation that runs ``at(count)``, the inner transformation at the state's count,
     on checked inputs (and on the real views of complex parameters, when it takes them)."""
     owner = f"ft.{state_class.optimiser}"
-    expected: dict[tuple, Any] = {}  # the last params signature -> the state init builds for it
 
     def real(tree):
         if not complex_params and _tree.has_complex(tree):
@@ -574,39 +570,22 @@ def _driven(
             )
         return _tree.as_real(tree)
 
-    def check(updates, state, params):
-        """Refuses, with the first differing key, inputs that do not belong together (eager only)."""
-        if type(state) is not state_class:
-            raise _tree.TreeMismatchError(
-                f"{owner}.update got {describe_state(state)} as opt_state, not the {state_class.__name__} "
-                f"{owner}'s init builds: pass the state this optimiser's init made (or that its checkpoint holds)"
-            )
-        like = updates if params is None else params
-        if params is not None:
-            _tree.check_same_shapes(params, updates, "params", "updates (gradients)")
-        key = _tree.signature(like)
-        if key not in expected:
-            expected.clear()  # one entry: a model's parameters keep their signature from step to step
-            expected[key] = at(state.count).init(_tree.meta_like(like))
-        given = "the given opt_state.inner_state"
-        _tree.check_like(expected[key], state.inner_state, f"{owner}'s state for these params", given)
-
     def init(params):
         params = real(params)
         count = step_count(params)
         return state_class(count, at(count).init(params))
 
+    check = state_check(owner, init)
+
     def update(updates, state, params=None, **extra):
+        check(updates, state, params)
         real_updates, real_params = real(updates), real(params)
-        if not _tree.tracing():
-            check(real_updates, state, real_params)
         new_updates, inner_state = at(state.count).update(real_updates, state.inner_state, real_params, **extra)
         return _tree.as_complex_like(new_updates, updates), state_class(state.count + 1, inner_state)
 
     def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
+        check(updates, state, params)
         real_updates, real_params = real(updates), real(params)
-        if not _tree.tracing():
-            check(real_updates, state, real_params)
         new_params, inner_state = update_and_apply(
             at(state.count), real_updates, state.inner_state, real_params, donate=donate, **extra
         )

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import GradientTransformation, OptState, Params, register_state, require_params, step_count
+from ..base import GradientTransformation, OptState, Params, register_state, require_params, state_check, step_count
 
 
 @register_state
@@ -65,7 +65,10 @@ def lookahead(tx: GradientTransformation, sync_period: int = 6, alpha: float | T
     def init(params):
         return LookaheadState(step_count(params), _tree.map(torch.clone, params), tx.init(params))
 
+    check = state_check("ft.lookahead", init)
+
     def update(updates, state, params=None, **extra):
+        check(updates, state, params)
         require_params("lookahead", params)
         fast_updates, inner_state = tx.update(updates, state.inner_state, params, **extra)
         fast = _tree.add(params, fast_updates)  # exactly what apply_updates would produce
