@@ -47,7 +47,32 @@ def first_difference(a: Tree, b: Tree) -> str:
         longer, extra = ("first", keys_a) if len(keys_a) > len(keys_b) else ("second", keys_b)
         missing = extra[min(len(keys_a), len(keys_b))]
         return f"first differing key: {missing or '<root>'} (only in the {longer})"
-    return f"same keys, different container types: {pytree.tree_structure(a)} vs {pytree.tree_structure(b)}"
+    where, x, y = _first_type_difference(a, b)
+    return f"same keys, different types at {where or '<root>'}: {describe_state(x)} vs {describe_state(y)}"
+
+
+def _first_type_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
+    """The key path and the two nodes where ``a`` and ``b`` first differ in type (same keys assumed)."""
+    if type(a) is not type(b):
+        return path, a, b
+    if isinstance(a, dict):
+        pairs = [(f"{path}[{k!r}]", a[k], b[k]) for k in a if k in b]
+    elif isinstance(a, (tuple, list)):
+        fields = getattr(a, "_fields", None)
+        pairs = [(f"{path}.{fields[i]}" if fields else f"{path}[{i}]", x, y) for i, (x, y) in enumerate(zip(a, b))]
+    else:
+        pairs = []
+    for sub_path, x, y in pairs:
+        found = _first_type_difference(x, y, sub_path)
+        if found[0] is not None:
+            return found
+    return (None, a, b) if path else ("", a, b)
+
+
+def describe_state(state: Any) -> str:
+    """What a state is, for an error: the optimiser that built it when its class says so."""
+    optimiser = getattr(type(state), "optimiser", None)
+    return f"ft.{optimiser}'s state ({type(state).__name__})" if optimiser else f"a {type(state).__name__}"
 
 
 def check_same_structure(a: Tree, b: Tree, name_a: str = "first", name_b: str = "second") -> None:

@@ -103,23 +103,20 @@ def require_params(owner: str, params: Params | None) -> None:
         raise ValueError(f"{owner} needs params: call update(updates, state, params)")
 
 
-def describe_state(state: Any) -> str:
-    """What a state is, for an error: the optimiser that built it when its class says so."""
-    optimiser = getattr(type(state), "optimiser", None)
-    return f"ft.{optimiser}'s state ({type(state).__name__})" if optimiser else f"a {type(state).__name__}"
+describe_state = _tree.describe_state
 
 
 def check_state_type(owner: str, state: OptState, cls: type) -> None:
     """Refuses a state that is not a ``cls`` (another transformation's), naming what it is. For
     combinators, whose parts check their own states."""
-    if not isinstance(state, cls):
+    if type(state) is not cls:  # not isinstance: AdamState and AdamaxState share a base
         raise _tree.TreeMismatchError(
             f"{owner}.update got {describe_state(state)} as opt_state, not the {cls.__name__} that {owner}'s init "
             "builds: pass the state this optimiser's init made (or that its checkpoint holds)"
         )
 
 
-def state_check(owner: str, init: TransformInitFn) -> Callable[[Updates, OptState, Params | None], None]:
+def state_check(owner: str, init: TransformInitFn, cls: type) -> Callable[[Updates, OptState, Params | None], None]:
     """``check(updates, state, params)`` for ``owner``'s update: refuses, naming the first key that
     differs, a state other than the one ``init`` builds for these params (its classes, structure,
     shapes and dtypes: another optimiser's state, or one from a smaller model) and updates of other
@@ -127,12 +124,16 @@ def state_check(owner: str, init: TransformInitFn) -> Callable[[Updates, OptStat
     inputs' sizes, or a broadcast, which would silently grow a state.
 
     The expected state is ``init`` run once per params signature on ``meta`` tensors (no memory,
-    no compute). Nothing is checked while tracing: a compiled step reports the eager step's error
-    (see ``make_train_step``).
+    no compute). While tracing only the state's class is checked (``cls``, what ``init`` returns: a
+    Python comparison, free in a graph): Adamax's state has Adam's shapes, so a compiled Adam step
+    would otherwise run on it. The compiled step then reports the eager step's error (see
+    ``make_train_step``).
     """
     expected: dict[tuple, Any] = {}  # the last params signature -> the state init builds for it
 
     def check(updates: Updates, state: OptState, params: Params | None) -> None:
+        if type(state) is not cls:  # not isinstance: AdamState and AdamaxState share a base
+            check_state_type(owner, state, cls)
         if _tree.tracing():
             return
         _tree.check_updates(updates, params)
@@ -142,8 +143,6 @@ def state_check(owner: str, init: TransformInitFn) -> Callable[[Updates, OptStat
             expected.clear()  # one entry: a model's parameters keep their signature from step to step
             expected[key] = init(_tree.meta_like(like))
         want = expected[key]
-        if type(state) is not type(want):  # not isinstance: AdamState and AdamaxState share a base
-            check_state_type(owner, state, type(want))
         _tree.check_like(want, state, f"{owner}'s state for these params", "opt_state")
 
     return check

@@ -73,7 +73,7 @@ def dynamic_loss_scale(
             tx.init(params),
         )
 
-    check = state_check("ft.dynamic_loss_scale", init)
+    check = state_check("ft.dynamic_loss_scale", init, LossScaleState)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

@@ -210,7 +210,13 @@ SPECS: list[Spec] = [
         base={"lr": 0.05},
         converge={"lr": 0.05},
         converge_rosenbrock={"lr": 0.002},  # plain ASGD diverges on Rosenbrock from lr ~ 0.003, in torch too
-        bad=[({"lr": -1.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay")],
+        bad=[
+            ({"lr": -1.0}, "lr"),
+            ({"weight_decay": -1.0}, "weight_decay"),
+            ({"lambd": -1.0}, "lambd"),
+            ({"alpha": -0.5}, "alpha"),
+            ({"t0": float("nan")}, "t0"),
+        ],
     ),
     Spec(
         "adafactor",

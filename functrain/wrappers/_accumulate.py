@@ -80,7 +80,7 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
         count = step_count(params)
         return AccumulateState(count, count.clone(), _tree.zeros_like(params), tx.init(params))
 
-    check = state_check("ft.accumulate", init)
+    check = state_check("ft.accumulate", init, AccumulateState)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

@@ -69,7 +69,7 @@ def ema_params(decay: Hyperparameter = 0.999) -> GradientTransformation:
     def init(params):
         return EmaParamsState(count=step_count(params), ema=_tree.map(torch.clone, params))
 
-    check = state_check("ft.ema_params", init)
+    check = state_check("ft.ema_params", init, EmaParamsState)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

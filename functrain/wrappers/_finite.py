@@ -83,7 +83,7 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
             count, torch.ones((), dtype=torch.bool, device=count.device), count.clone(), tx.init(params)
         )
 
-    check = state_check("ft.apply_if_finite", init)
+    check = state_check("ft.apply_if_finite", init, ApplyIfFiniteState)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

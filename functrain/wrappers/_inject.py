@@ -229,7 +229,7 @@ def inject_hyperparams(
         def current(state):
             return _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
 
-        check = state_check(f"ft.inject_hyperparams({name})", init)
+        check = state_check(f"ft.inject_hyperparams({name})", init, InjectHyperparamsState)
 
         def update(updates, state, params=None, **extra):
             check(updates, state, params)
@@ -575,7 +575,7 @@ def _driven(
         count = step_count(params)
         return state_class(count, at(count).init(params))
 
-    check = state_check(owner, init)
+    check = state_check(owner, init, state_class)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

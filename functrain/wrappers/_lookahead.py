@@ -65,7 +65,7 @@ def lookahead(tx: GradientTransformation, sync_period: int = 6, alpha: float | T
     def init(params):
         return LookaheadState(step_count(params), _tree.map(torch.clone, params), tx.init(params))
 
-    check = state_check("ft.lookahead", init)
+    check = state_check("ft.lookahead", init, LookaheadState)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)
