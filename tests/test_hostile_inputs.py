@@ -140,3 +140,20 @@ def test_an_adam_checkpoint_does_not_load_into_an_adamax_run_and_names_both(tmp_
     like = saved._replace(opt_state=ft.adamax(1e-3).init(params))
     with pytest.raises(ValueError, match=re.escape("ft.adam's state (AdamState) vs ft.adamax's state (AdamaxState)")):
         ft.load_checkpoint(tmp_path / "c.pt", like)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "inplace-fused"])
+@pytest.mark.parametrize(
+    "make", [lambda: ft.adam(lr=1e-3), lambda: ft.adam(lr=1e-3, amsgrad=True), lambda: ft.lamb(lr=1e-3)]
+)
+def test_an_opt_state_from_a_smaller_model_is_named_before_any_kernel(make, inplace):
+    """params fit the model, opt_state came from a smaller one with the same names: once a segfault
+    in torch's fused kernels, now the first differing key."""
+    model, small = nn.Linear(3, 2), nn.Linear(2, 2)
+    tx = make()
+    state = ft.TrainState.create(model, tx)._replace(opt_state=tx.init(dict(small.named_parameters())))
+    step = ft.make_train_step(model, _loss, tx, inplace=inplace)
+    with pytest.raises(
+        ValueError, match=r"differ in shape at opt_state\.inner_state\[0\]\.mu\['weight'\]: \(2, 3\) vs \(2, 2\)"
+    ):
+        step(state, BATCH)
