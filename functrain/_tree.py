@@ -10,7 +10,7 @@ transforms (vmap, grad) or autograd the per-leaf form is the one with full suppo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -87,8 +87,10 @@ def check_same_shapes(a: Tree, b: Tree, name_a: str = "first", name_b: str = "se
     multi-tensor kernel, which reads and writes by its inputs' sizes and must never see a mismatch."""
     # Each tree flattened once: this runs on every eager step (apply_updates, the fused kernels);
     # key paths are computed only to name a mismatch.
-    flat_a, spec_a = pytree.tree_flatten(a)
-    flat_b, spec_b = pytree.tree_flatten(b)
+    _check_flat_shapes(a, b, *pytree.tree_flatten(a), *pytree.tree_flatten(b), name_a, name_b)
+
+
+def _check_flat_shapes(a, b, flat_a, spec_a, flat_b, spec_b, name_a: str, name_b: str) -> None:
     if spec_a != spec_b:
         raise TreeMismatchError(f"{name_a} and {name_b} have different structures; {first_difference(a, b)}")
     for i, (x, y) in enumerate(zip(flat_a, flat_b)):
@@ -98,48 +100,73 @@ def check_same_shapes(a: Tree, b: Tree, name_a: str = "first", name_b: str = "se
                 f"{other_name} at {_keyed_leaves(a)[i] or '<root>'} is {type(other).__name__}, not a tensor as in "
                 f"{tensor_side}" + (" (a parameter without a gradient: give it zeros)" if other is None else "")
             )
-        if isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape != y.shape:
+        if isinstance(x, Tensor) and x.shape != y.shape:
             raise TreeMismatchError(
                 f"{name_a} and {name_b} differ in shape at {_keyed_leaves(a)[i] or '<root>'}: "
                 f"{tuple(x.shape)} vs {tuple(y.shape)}"
             )
 
 
-def check_updates(updates: Tree, params: Tree | None) -> None:
+def check_updates(updates: Tree, params: Tree | None) -> tuple:
     """Updates of the params' structure and shapes (when given), every leaf a tensor: a ``None``
-    gradient or a float is named here rather than failing inside a transform's arithmetic."""
-    if params is not None:
-        check_same_shapes(params, updates, "params", "updates (gradients)")
-        return
-    for key, leaf in zip(_keyed_leaves(updates), pytree.tree_leaves(updates)):
-        if not isinstance(leaf, Tensor):
-            raise TreeMismatchError(f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor")
-
-
-def check_like(expected: Tree, actual: Tree, name_expected: str, name_actual: str) -> None:
-    """:func:`check_same_shapes`, and each pair of tensor leaves of one dtype; the key is named.
-
-    For a state against the one ``init`` would build: a dtype the kernels did not expect reads or
-    writes the wrong number of bytes in a fused kernel, or silently promotes in a per-leaf one."""
-    flat_e, spec_e = pytree.tree_flatten(expected)  # each tree flattened once: this runs every eager update
-    flat_a, spec_a = pytree.tree_flatten(actual)
-    if spec_e != spec_a:
-        raise TreeMismatchError(
-            f"{name_expected} and {name_actual} have different structures; {first_difference(expected, actual)}"
-        )
-    for i, (x, y) in enumerate(zip(flat_e, flat_a)):
-        if isinstance(x, Tensor) and isinstance(y, Tensor) and (x.shape != y.shape or x.dtype != y.dtype):
-            what = "shape" if x.shape != y.shape else "dtype"
-            raise TreeMismatchError(
-                f"{name_expected} and {name_actual} differ in {what} at {name_actual}{_keyed_leaves(actual)[i]}: "
-                + (f"{tuple(x.shape)} vs {tuple(y.shape)}" if what == "shape" else f"{x.dtype} vs {y.dtype}")
-            )
+    gradient or a float is named here rather than failing inside a transform's arithmetic. Returns
+    the :func:`signature` of the params (of the updates without params), from the same flattening."""
+    flat_u, spec_u = pytree.tree_flatten(updates)
+    if params is None:
+        for key, leaf in zip(_keyed_leaves(updates), flat_u):
+            if not isinstance(leaf, Tensor):
+                raise TreeMismatchError(
+                    f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor"
+                )
+        return spec_u, _leaf_signature(flat_u)
+    flat_p, spec_p = pytree.tree_flatten(params)
+    _check_flat_shapes(params, updates, flat_p, spec_p, flat_u, spec_u, "params", "updates (gradients)")
+    return spec_p, _leaf_signature(flat_p)
 
 
 def signature(tree: Tree) -> tuple:
     """The structure, shapes and dtypes of ``tree``: equal signatures give ``init`` equal structures."""
     flat, spec = pytree.tree_flatten(tree)
-    return spec, tuple((x.shape, x.dtype) if isinstance(x, Tensor) else type(x) for x in flat)
+    return spec, _leaf_signature(flat)
+
+
+def _leaf_signature(flat: list) -> tuple:
+    return tuple((x.shape, x.dtype) if isinstance(x, Tensor) else type(x) for x in flat)
+
+
+def signature_has_complex(sig: tuple) -> bool:
+    """Whether a :func:`signature` has a complex tensor (no second walk over the tree)."""
+    return any(type(leaf) is tuple and leaf[1].is_complex for leaf in sig[1])
+
+
+class Layout(NamedTuple):
+    """A tree and its :func:`signature`, computed once: what a state is compared against each step."""
+
+    tree: Tree
+    signature: tuple
+
+
+def layout(tree: Tree) -> Layout:
+    return Layout(tree, signature(tree))
+
+
+def check_like(expected: Layout, actual: Tree, name_expected: str, name_actual: str) -> None:
+    """``actual`` has ``expected``'s structure, and each tensor its shape and dtype; else
+    :class:`TreeMismatchError` naming the first key that differs. For a state against the one
+    ``init`` builds: a dtype the kernels did not expect reads or writes the wrong number of bytes in a
+    fused kernel, or silently promotes in a per-leaf one."""
+    flat, spec = pytree.tree_flatten(actual)  # the one flattening per step: the expected side is cached
+    if spec != expected.signature[0]:
+        raise TreeMismatchError(
+            f"{name_expected} and {name_actual} have different structures; {first_difference(expected.tree, actual)}"
+        )
+    for i, (want, y) in enumerate(zip(expected.signature[1], flat)):
+        if type(want) is tuple and isinstance(y, Tensor) and (want[0] != y.shape or want[1] != y.dtype):
+            what = "shape" if want[0] != y.shape else "dtype"
+            raise TreeMismatchError(
+                f"{name_expected} and {name_actual} differ in {what} at {name_actual}{_keyed_leaves(actual)[i]}: "
+                + (f"{tuple(want[0])} vs {tuple(y.shape)}" if what == "shape" else f"{want[1]} vs {y.dtype}")
+            )
 
 
 def meta_like(tree: Tree) -> Tree:

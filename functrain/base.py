@@ -9,7 +9,7 @@ so a descent step carries its own minus sign (see ``scale_by_learning_rate``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
 import torch
@@ -116,34 +116,52 @@ def check_state_type(owner: str, state: OptState, cls: type) -> None:
         )
 
 
-def state_check(owner: str, init: TransformInitFn, cls: type) -> Callable[[Updates, OptState, Params | None], None]:
+# (structure key, params signature) -> the state init builds, shared by every transformation built
+# with the same structure key: a scheduled inject_hyperparams(ft.adamw) rebuilds its AdamW each update,
+# and must not rebuild the expected state each time too. Bounded: oldest entries go first.
+_EXPECTED: dict[tuple, _tree.Layout] = {}
+_EXPECTED_MAX = 256
+
+
+def state_check(
+    owner: str, init: TransformInitFn, cls: type, structure_key: Hashable | None = None
+) -> Callable[[Updates, OptState, Params | None], tuple | None]:
     """``check(updates, state, params)`` for ``owner``'s update: refuses, naming the first key that
     differs, a state other than the one ``init`` builds for these params (its classes, structure,
     shapes and dtypes: another optimiser's state, or one from a smaller model) and updates of other
     shapes than the params. So nothing mismatched reaches a kernel, which reads and writes by its
-    inputs' sizes, or a broadcast, which would silently grow a state.
+    inputs' sizes, or a broadcast, which would silently grow a state. Returns the params' signature
+    (``None`` while tracing).
 
     The expected state is ``init`` run once per params signature on ``meta`` tensors (no memory,
-    no compute). While tracing only the state's class is checked (``cls``, what ``init`` returns: a
-    Python comparison, free in a graph): Adamax's state has Adam's shapes, so a compiled Adam step
-    would otherwise run on it. The compiled step then reports the eager step's error (see
+    no compute), kept per check or, given a ``structure_key`` (everything the state's structure
+    depends on, e.g. the factory and its non-tensor arguments), shared by every check with that key.
+    While tracing only the state's class is checked (``cls``, what ``init`` returns: a Python
+    comparison, free in a graph): Adamax's state has Adam's shapes, so a compiled Adam step would
+    otherwise run on it. The compiled step then reports the eager step's error (see
     ``make_train_step``).
     """
-    expected: dict[tuple, Any] = {}  # the last params signature -> the state init builds for it
+    own: dict[tuple, _tree.Layout] = {}  # without a structure key: the last params signature only
 
-    def check(updates: Updates, state: OptState, params: Params | None) -> None:
+    def expected(like: Params, signature: tuple) -> _tree.Layout:
+        cache, key = (own, signature) if structure_key is None else (_EXPECTED, (structure_key, signature))
+        if key not in cache:
+            if cache is own:
+                own.clear()  # a model's parameters keep their signature from step to step
+            elif len(_EXPECTED) >= _EXPECTED_MAX:
+                del _EXPECTED[next(iter(_EXPECTED))]
+            cache[key] = _tree.layout(init(_tree.meta_like(like)))
+        return cache[key]
+
+    def check(updates: Updates, state: OptState, params: Params | None) -> tuple | None:
         if type(state) is not cls:  # not isinstance: AdamState and AdamaxState share a base
             check_state_type(owner, state, cls)
         if _tree.tracing():
-            return
-        _tree.check_updates(updates, params)
+            return None
+        signature = _tree.check_updates(updates, params)
         like = updates if params is None else params
-        key = _tree.signature(like)
-        if key not in expected:
-            expected.clear()  # one entry: a model's parameters keep their signature from step to step
-            expected[key] = init(_tree.meta_like(like))
-        want = expected[key]
-        _tree.check_like(want, state, f"{owner}'s state for these params", "opt_state")
+        _tree.check_like(expected(like, signature), state, f"{owner}'s state for these params", "opt_state")
+        return signature
 
     return check
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _tree, _validate
-from .base import GradientTransformation, OptState, register_state, state_check, step_count
+from .base import GradientTransformation, OptState, check_state_type, register_state, step_count
 
 
 @register_state
@@ -73,7 +73,11 @@ def dynamic_loss_scale(
             tx.init(params),
         )
 
-    check = state_check("ft.dynamic_loss_scale", init, LossScaleState)
+    def check(updates, state, params):
+        # The class only: it holds no tensor shaped like the params; the inner transformation
+        # checks its own state (every ft optimiser does).
+        check_state_type("ft.dynamic_loss_scale", state, LossScaleState)
+        _tree.check_updates(updates, params)  # it unscales every gradient before the inner one looks
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

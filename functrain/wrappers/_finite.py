@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _tree, _validate
-from ..base import GradientTransformation, OptState, register_state, state_check, step_count
+from ..base import GradientTransformation, OptState, check_state_type, register_state, step_count
 
 
 @register_state
@@ -83,7 +83,10 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
             count, torch.ones((), dtype=torch.bool, device=count.device), count.clone(), tx.init(params)
         )
 
-    check = state_check("ft.apply_if_finite", init, ApplyIfFiniteState)
+    def check(updates, state, params):
+        # The class only: it holds no tensor shaped like the params; the inner transformation
+        # checks its own state (every ft optimiser does).
+        check_state_type("ft.apply_if_finite", state, ApplyIfFiniteState)
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)

@@ -6,7 +6,7 @@ import functools
 import inspect
 import sys
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -14,7 +14,15 @@ from torch import Tensor
 
 from .. import _tree
 from .._hoist import hoist
-from ..base import GradientTransformation, OptState, register_state, state_check, step_count, update_and_apply
+from ..base import (
+    GradientTransformation,
+    OptState,
+    check_state_type,
+    register_state,
+    state_check,
+    step_count,
+    update_and_apply,
+)
 from ._common import find_one_state
 
 
@@ -229,7 +237,9 @@ def inject_hyperparams(
         def current(state):
             return _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
 
-        check = state_check(f"ft.inject_hyperparams({name})", init, InjectHyperparamsState)
+        def check(updates, state, params):
+            # The class only: the inner transformation checks its own state (every ft optimiser does).
+            check_state_type(f"ft.inject_hyperparams({name})", state, InjectHyperparamsState)
 
         def update(updates, state, params=None, **extra):
             check(updates, state, params)
@@ -502,7 +512,8 @@ def schedulable(factory: Callable[..., GradientTransformation] | None = None, *,
             # The common case, and the only one inside a traced update (inject_hyperparams passes
             # tensors): no signature work, which torch.compile cannot trace through.
             tx = factory(*args, **kwargs)
-            return _driven(lambda count: tx, tx.update_and_apply is not None, state_class, complex_params)
+            key = _structure_key(state_class, args, kwargs)
+            return _driven(lambda count: tx, tx.update_and_apply is not None, state_class, complex_params, key)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()  # every argument present, so _arguments places each where it belongs
         scheduled = {
@@ -553,45 +564,89 @@ def _state_class(factory: Callable[..., GradientTransformation]) -> type[Schedul
 
 
 def _driven(
-    at: Callable[[Tensor], GradientTransformation], offered: bool, state_class: type, complex_params: bool
+    at: Callable[[Tensor], GradientTransformation],
+    offered: bool,
+    state_class: type,
+    complex_params: bool,
+    structure_key: Hashable | None = None,
 ) -> GradientTransformation:
     """The transformation that runs ``at(count)``, the inner transformation at the state's count,
     on checked inputs (and on the real views of complex parameters, when it takes them)."""
     owner = f"ft.{state_class.optimiser}"
 
-    def real(tree):
-        if not complex_params and _tree.has_complex(tree):
-            key, leaf = _tree.complex_leaves(tree)[0]
-            raise TypeError(
-                f"{owner} does not support complex parameters ('{key}' is {leaf.dtype}); the optimisers that "
-                "step complex parameters as torch.optim does are sgd, adam, adamw, adamax, nadam, radam, "
-                "adagrad, adadelta, rmsprop, rprop and asgd (or split each into real and imaginary parts "
-                "with torch.view_as_real)"
-            )
-        return _tree.as_real(tree)
+    def refuse_complex(tree):
+        key, leaf = _tree.complex_leaves(tree)[0]
+        raise TypeError(
+            f"{owner} does not support complex parameters ('{key}' is {leaf.dtype}); the optimisers that "
+            "step complex parameters as torch.optim does are sgd, adam, adamw, adamax, nadam, radam, "
+            "adagrad, adadelta, rmsprop, rprop and asgd (or split each into real and imaginary parts "
+            "with torch.view_as_real)"
+        )
 
     def init(params):
-        params = real(params)
+        if _tree.has_complex(params):
+            if not complex_params:
+                refuse_complex(params)
+            params = _tree.as_real(params)
         count = step_count(params)
         return state_class(count, at(count).init(params))
 
-    check = state_check(owner, init, state_class)
+    check = state_check(owner, init, state_class, structure_key)
+
+    def is_complex(updates, params, signature) -> bool:
+        """Whether the inputs hold complex tensors: read off the check's signature when there is one."""
+        if signature is not None and params is not None:
+            return _tree.signature_has_complex(signature)
+        return _tree.has_complex(updates) or _tree.has_complex(params)
 
     def update(updates, state, params=None, **extra):
-        check(updates, state, params)
-        real_updates, real_params = real(updates), real(params)
-        new_updates, inner_state = at(state.count).update(real_updates, state.inner_state, real_params, **extra)
+        signature = check(updates, state, params)
+        inner = at(state.count)
+        if not is_complex(updates, params, signature):
+            new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            return new_updates, state_class(state.count + 1, inner_state)
+        if not complex_params:
+            refuse_complex(updates if params is None else params)
+        real_updates, real_params = _tree.as_real(updates), _tree.as_real(params)
+        new_updates, inner_state = inner.update(real_updates, state.inner_state, real_params, **extra)
         return _tree.as_complex_like(new_updates, updates), state_class(state.count + 1, inner_state)
 
     def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
-        check(updates, state, params)
-        real_updates, real_params = real(updates), real(params)
+        signature = check(updates, state, params)
+        inner = at(state.count)
+        if not is_complex(updates, params, signature):
+            new_params, inner_state = update_and_apply(
+                inner, updates, state.inner_state, params, donate=donate, **extra
+            )
+            return new_params, state_class(state.count + 1, inner_state)
+        if not complex_params:
+            refuse_complex(params)
+        real_updates, real_params = _tree.as_real(updates), _tree.as_real(params)
         new_params, inner_state = update_and_apply(
-            at(state.count), real_updates, state.inner_state, real_params, donate=donate, **extra
+            inner, real_updates, state.inner_state, real_params, donate=donate, **extra
         )
         return _tree.as_complex_like(new_params, params), state_class(state.count + 1, inner_state)
 
     return GradientTransformation(init, update, update_and_apply_inner if offered else None)
+
+
+def _structure_key(state_class: type, args: tuple, kwargs: dict) -> Hashable | None:
+    """What the structure of a factory's state can depend on: the factory, and its arguments other
+    than tensors (hyperparameter values, which never change the structure). ``None`` when an argument
+    cannot be hashed: that transformation keeps its own cache."""
+
+    def part(value):
+        if isinstance(value, Tensor):
+            return Tensor
+        if type(value) is tuple:
+            return tuple(part(v) for v in value)
+        hash(value)
+        return value
+
+    try:
+        return state_class, tuple(part(a) for a in args), tuple(sorted((k, part(v)) for k, v in kwargs.items()))
+    except TypeError:
+        return None
 
 
 def _has_schedule(value: Any) -> bool:
