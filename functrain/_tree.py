@@ -113,15 +113,30 @@ def check_updates(updates: Tree, params: Tree | None) -> tuple:
     the :func:`signature` of the params (of the updates without params), from the same flattening."""
     flat_u, spec_u = pytree.tree_flatten(updates)
     if params is None:
-        for key, leaf in zip(_keyed_leaves(updates), flat_u):
-            if not isinstance(leaf, Tensor):
-                raise TreeMismatchError(
-                    f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor"
-                )
+        _check_tensors(updates, flat_u)
         return spec_u, _leaf_signature(flat_u)
     flat_p, spec_p = pytree.tree_flatten(params)
     _check_flat_shapes(params, updates, flat_p, spec_p, flat_u, spec_u, "params", "updates (gradients)")
     return spec_p, _leaf_signature(flat_p)
+
+
+def check_tensors(updates: Tree) -> None:
+    """Every leaf of ``updates`` is a tensor: a ``None`` gradient or a float is named by its key."""
+    _check_tensors(updates, pytree.tree_leaves(updates))
+
+
+def _check_tensors(updates: Tree, flat: list) -> None:
+    if not all(isinstance(leaf, Tensor) for leaf in flat):
+        key, leaf = next((k, x) for k, x in zip(_keyed_leaves(updates), flat) if not isinstance(x, Tensor))
+        raise TreeMismatchError(f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor")
+
+
+def check_shapes_against(a: Tree, name_a: str, others: Sequence[tuple[Tree, str]]) -> None:
+    """:func:`check_same_shapes` of ``a`` against each of ``others`` (``(tree, name)`` pairs), with
+    ``a`` flattened once: the trees a fused kernel takes together."""
+    flat_a, spec_a = pytree.tree_flatten(a)
+    for b, name_b in others:
+        _check_flat_shapes(a, b, flat_a, spec_a, *pytree.tree_flatten(b), name_a, name_b)
 
 
 def signature(tree: Tree) -> tuple:
@@ -269,9 +284,9 @@ def foreach_map(fn: Callable[..., Sequence[list[Tensor]]], *trees: Tree) -> tupl
     lists, each matching its inputs; the outputs are put back into trees of the first tree's
     structure. Groups follow the first tree's leaves.
     """
-    flats = []
-    spec = pytree.tree_structure(trees[0])
-    for tree in trees:
+    first, spec = pytree.tree_flatten(trees[0])  # each tree walked once: this runs on every eager update
+    flats = [first]
+    for tree in trees[1:]:
         flat, other_spec = pytree.tree_flatten(tree)
         if other_spec != spec:
             raise TreeMismatchError(f"trees have different structures; {first_difference(trees[0], tree)}")

@@ -142,8 +142,15 @@ def state_check(
     ``make_train_step``).
     """
     own: dict[tuple, _tree.Layout] = {}  # without a structure key: the last params signature only
+    last: list = [None, None]  # the last (signature, layout): `==` on a TreeSpec is cheap, its hash is not
 
     def expected(like: Params, signature: tuple) -> _tree.Layout:
+        if last[0] == signature:
+            return last[1]
+        last[:] = [signature, lookup(like, signature)]
+        return last[1]
+
+    def lookup(like: Params, signature: tuple) -> _tree.Layout:
         cache, key = (own, signature) if structure_key is None else (_EXPECTED, (structure_key, signature))
         if key not in cache:
             if cache is own:

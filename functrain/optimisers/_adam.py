@@ -145,9 +145,9 @@ def _fused_update_and_apply(tx: GradientTransformation, b1, b2, eps, lr, weight_
         if not _kernel_runs(updates, state, params):
             return ft_update_and_apply(tx, updates, state, params, donate=donate, **extra)  # tx: the reference
         adam_state, *rest = state
-        _tree.check_same_shapes(params, updates, "params", "updates")
-        for name, moment in zip(adam_state._fields[1:], adam_state[1:]):
-            _tree.check_same_shapes(params, moment, "params", f"opt_state[0].{name}")
+        # The kernel reads and writes by its inputs' sizes: shapes checked right here, whoever calls.
+        moments = [(moment, f"opt_state[0].{name}") for name, moment in zip(adam_state._fields[1:], adam_state[1:])]
+        _tree.check_shapes_against(params, "params", [(updates, "updates"), *moments])
         count = adam_state.count + 1
 
         def fused(gs, ps, *moments):
