@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from . import _tree, _validate, distributed
-from .checkpoint import _atomic_write, _create_temporary, _sweep_temporaries
+from .checkpoint import _atomic_write, _create_temporary, _sweep_temporaries, step_file_name, step_of_file
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -101,6 +100,16 @@ class _Best:
         self.owner, self.split, self.name = owner, *_monitored(owner, monitor)
         self.sign, self.min_delta, self.best = (1.0 if mode == "min" else -1.0), min_delta, math.inf
 
+    def require_evaluation(self, loop: Loop, otherwise: str) -> None:
+        """An ``eval/...`` monitor needs an evaluation in the fit; without one the callback would
+        never act, silently: refuse before the first step, saying what to pass."""
+        if self.split == "eval" and loop.evaluate_fn is None:
+            raise ValueError(
+                f"{self.owner}: monitor='eval/{self.name}' needs an evaluation, but this fit has none, so "
+                f"{otherwise}: pass eval_step= and eval_loader= to fit (evaluate= to Loop), or monitor a "
+                f"training metric such as 'loss'"
+            )
+
     def improved(self, loop: Loop) -> bool:
         """Reads the monitored value and records it if it beats the best by more than ``min_delta``."""
         value = self.sign * _value(self.owner, loop, self.split, self.name)
@@ -150,6 +159,9 @@ class EarlyStopping(Callback):
         _validate.in_range("EarlyStopping", "min_delta", min_delta, 0.0, math.inf)
         self.tracker = _Best("EarlyStopping", monitor, mode, min_delta)
         self.waited = 0
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self.tracker.require_evaluation(loop, "it would never stop training")
 
     def on_log(self, loop: Loop) -> None:
         if self.tracker.split == "train":
@@ -226,13 +238,8 @@ class Checkpoint(Callback):
         self.last_saved_step: int | None = None
 
     def on_fit_start(self, loop: Loop) -> None:
-        if self.best is not None and self.best.split == "eval" and loop.evaluate_fn is None:
-            monitor = f"eval/{self.best.name}"
-            raise ValueError(
-                f"Checkpoint: monitor={monitor!r} needs an evaluation, but this fit has none, so best.pt would "
-                f"never be written: pass eval_step= and eval_loader= to fit (evaluate= to Loop), or monitor a "
-                f"training metric such as 'loss'"
-            )
+        if self.best is not None:
+            self.best.require_evaluation(loop, "best.pt would never be written")
         if not distributed.is_main_process():
             return  # rank 0 writes; every rank takes part in each save (see save_checkpoint)
         try:
@@ -271,29 +278,18 @@ class Checkpoint(Callback):
     def _save_periodic(self, loop: Loop) -> None:
         if not self._finite(loop):
             return
-        loop.save(self.directory / self._periodic_name(loop.step))
+        loop.save(self.directory / step_file_name(loop.step))
         self.last_saved_step = loop.step
         if distributed.is_main_process():
             self._prune()
 
     # The only names Checkpoint writes, and so the only files it ever deletes: anything else in the
     # directory (a backup named step-00000002-known-good.pt, an editor's .notes.tmp) is the user's.
-    _PERIODIC = re.compile(r"step-(\d{8,})\.pt")
     _PROBE = "probe"
-
-    @staticmethod
-    def _periodic_name(step: int) -> str:
-        return f"step-{step:08d}.pt"
-
-    @classmethod
-    def _periodic_step(cls, name: str) -> int | None:
-        """The step of a file named exactly as :meth:`_periodic_name` names it, else ``None``."""
-        found = cls._PERIODIC.fullmatch(name)
-        return int(found[1]) if found and cls._periodic_name(int(found[1])) == name else None
 
     @classmethod
     def _owns(cls, name: str) -> bool:
-        return name in ("best.pt", cls._PROBE) or cls._periodic_step(name) is not None
+        return name in ("best.pt", cls._PROBE) or step_of_file(name) is not None
 
     def _prune(self) -> None:
         """Deletes the oldest periodic checkpoints beyond ``keep`` (in step order: past step 99999999 the
@@ -301,7 +297,7 @@ class Checkpoint(Callback):
         periodic = sorted(
             (step, path)
             for path in self.directory.iterdir()
-            if (step := self._periodic_step(path.name)) is not None and path.is_file()
+            if (step := step_of_file(path.name)) is not None and path.is_file()
         )
         for _, old in periodic[: -self.keep]:
             old.unlink(missing_ok=True)

@@ -51,7 +51,20 @@ from torch import Tensor
 from . import _tree, distributed
 
 FORMAT = "functrain.checkpoint/1"
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_STEP_FILE = re.compile(r"step-(\d{8,})\.pt")
+
+
+def step_file_name(step: int) -> str:
+    """The name of the periodic checkpoint of ``step``: ``step-00000120.pt`` (zero-padded to 8 digits)."""
+    return f"step-{step:08d}.pt"
+
+
+def step_of_file(name: str) -> int | None:
+    """The step of a file named exactly as :func:`step_file_name` names it, else ``None``: a user's
+    ``step-00000002-known-good.pt`` or ``step-99.pt`` is not a periodic checkpoint, so it is never
+    resumed from or deleted."""
+    found = _STEP_FILE.fullmatch(name)
+    return int(found[1]) if found and step_file_name(int(found[1])) == name else None
 
 
 def save_checkpoint(path: str | os.PathLike, state: Any, *, loader: Any = None, progress: dict | None = None) -> Path:
@@ -229,14 +242,16 @@ def _matched(path: Path, loaded: Any, like: Any) -> Any:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The ``step-<n>.pt`` file with the largest ``n`` in ``directory`` (``None`` if there is none).
+    """The periodic checkpoint (``step-<n>.pt``, named by :func:`step_file_name`) with the largest
+    step in ``directory`` (``None`` if there is none). Files named otherwise are the user's, and
+    ignored.
 
     Only complete files carry that name (see :func:`atomic_save`), so the latest one is always readable.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
+    found = [(step, p) for p in directory.iterdir() if (step := step_of_file(p.name)) is not None and p.is_file()]
     return max(found)[1] if found else None
 
 

@@ -279,3 +279,21 @@ def test_monitoring_an_eval_metric_without_evaluation_fails_before_training(tmp_
         ft.fit(lambda s, b: (steps.append(1), step(s, b))[1], state, loader, epochs=1, checkpoint=checkpoint,
                callbacks=[])  # fmt: skip
     assert not steps and not any(tmp_path.iterdir())
+
+
+def test_early_stopping_on_an_eval_metric_without_evaluation_fails_before_training():
+    """The same class as Checkpoint's: an eval monitor with no evaluation would never act, silently."""
+    _, step, _, state, loader = make_problem()
+    steps = []
+    stopper = ft.callbacks.EarlyStopping(monitor="eval/acc", mode="max")
+    with pytest.raises(ValueError, match="EarlyStopping: monitor='eval/acc' needs an evaluation.*never stop training"):
+        ft.fit(lambda s, b: (steps.append(1), step(s, b))[1], state, loader, epochs=1, callbacks=[stopper])
+    assert not steps
+
+
+def test_resume_takes_only_checkpoints_named_as_checkpoint_names_them(tmp_path):
+    """A hand-named step-99.pt or step-00000050-known-good.pt is the user's: never resumed from."""
+    for name in ["step-00000002.pt", "step-99.pt", "step-00000050-known-good.pt", "step-000000030.pt"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "step-00000070.pt").mkdir()  # a directory of that name is not a checkpoint either
+    assert ft.latest_checkpoint(tmp_path) == tmp_path / "step-00000002.pt"
