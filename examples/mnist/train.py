@@ -51,7 +51,8 @@ args = parser.parse_args()
 # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is a world of one.
 distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
 if distributed:
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # A collective timeout (10 minutes): a stalled rank makes the others raise instead of waiting 30.
+    ft.distributed.init("nccl" if torch.cuda.is_available() else "gloo")
 rank, world_size = ft.distributed.rank(), ft.distributed.world_size()
 main = ft.distributed.is_main_process()  # rank 0 alone prints, logs and saves
 if torch.cuda.is_available():
