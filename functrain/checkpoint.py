@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import _tree, distributed
+from .wrappers import ScheduleState
 
 FORMAT = "functrain.checkpoint/1"
 _STEP_FILE = re.compile(r"step-(\d{8,})\.pt")
@@ -227,6 +228,7 @@ def _require(path: Path, entries: Any, keys: tuple[str, ...], what: str) -> None
 
 def _matched(path: Path, loaded: Any, like: Any) -> Any:
     """``loaded`` checked against ``like`` (structure, then shapes and dtypes), moved to its devices."""
+    loaded = _named_schedule_states(loaded, like)
     try:
         _tree.check_same_structure(loaded, like, "the checkpoint's state", "the expected state")
     except _tree.TreeMismatchError as error:
@@ -239,6 +241,22 @@ def _matched(path: Path, loaded: Any, like: Any) -> Any:
                 f"{expected.dtype} in the expected state"
             )
     return _tree.map(lambda t, e: t.to(e.device) if isinstance(e, Tensor) else t, loaded, like)
+
+
+def _named_schedule_states(loaded: Any, like: Any) -> Any:
+    """``loaded`` with each plain ``ScheduleState`` (written before every optimiser's state had a class
+    of its own) given the class ``like`` has at the same place, so those checkpoints still load; the
+    structure, shapes and dtypes are checked as for any other."""
+    if type(loaded) is ScheduleState and isinstance(like, ScheduleState):
+        return type(like)(*(_named_schedule_states(x, y) for x, y in zip(loaded, like)))
+    if type(loaded) is not type(like):
+        return loaded
+    if isinstance(loaded, dict):
+        return type(loaded)((k, _named_schedule_states(v, like[k]) if k in like else v) for k, v in loaded.items())
+    if isinstance(loaded, (tuple, list)) and len(loaded) == len(like):
+        children = [_named_schedule_states(x, y) for x, y in zip(loaded, like)]
+        return type(loaded)(*children) if hasattr(loaded, "_fields") else type(loaded)(children)
+    return loaded
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:

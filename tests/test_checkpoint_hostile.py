@@ -297,3 +297,17 @@ def test_resume_takes_only_checkpoints_named_as_checkpoint_names_them(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "step-00000070.pt").mkdir()  # a directory of that name is not a checkpoint either
     assert ft.latest_checkpoint(tmp_path) == tmp_path / "step-00000002.pt"
+
+
+def test_a_checkpoint_with_a_plain_schedule_state_still_loads(tmp_path):
+    """Written before each optimiser's state had a class of its own: given the running optimiser's."""
+    params = {"w": torch.randn(3, 3)}
+    current = ft.adam(1e-3).init(params)
+    old = ft.ScheduleState(*current)
+    ft.save_checkpoint(tmp_path / "c.pt", ft.TrainState(params, {}, old, torch.zeros((), dtype=torch.int64)))
+    like = ft.TrainState(params, {}, current, torch.zeros((), dtype=torch.int64))
+    loaded, _ = ft.load_checkpoint(tmp_path / "c.pt", like)
+    assert type(loaded.opt_state) is type(current)
+    torch.testing.assert_close(loaded.opt_state, current)
+    with pytest.raises(ValueError, match=r"was saved for another model or optimiser: .* is \(3, 3\)"):  # still checked
+        ft.load_checkpoint(tmp_path / "c.pt", like._replace(opt_state=ft.adam(1e-3).init({"w": torch.randn(2, 2)})))
