@@ -240,6 +240,16 @@ class Checkpoint(Callback):
     def on_fit_start(self, loop: Loop) -> None:
         if self.best is not None:
             self.best.require_evaluation(loop, "best.pt would never be written")
+        if self.every_steps is not None and not loop.resumes_mid_epoch():
+            # Said now, not after hours of training when the resume refuses the mid-epoch checkpoint.
+            warnings.warn(
+                f"Checkpoint(every_steps={self.every_steps}): the train loader ({type(loop.loader).__name__}) can "
+                "neither save its position nor replay its order (a shuffled DataLoader draws a new one each pass), "
+                "so a checkpoint saved mid-epoch cannot be resumed from: fit(resume=True) will refuse it. Use "
+                "ft.data.make_loader(dataset, batch_size, ...), or save at epoch ends only (every_epochs=)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if not distributed.is_main_process():
             return  # rank 0 writes; every rank takes part in each save (see save_checkpoint)
         try:

@@ -332,6 +332,11 @@ class Loop:
     def _mid_epoch(self) -> bool:
         return self.batch > 0 and (self.steps_per_epoch is None or self.batch < self.steps_per_epoch)
 
+    def resumes_mid_epoch(self) -> bool:
+        """Whether a checkpoint saved mid-epoch can be resumed from exactly: the train loader saves its
+        position (``state_dict``/``load_state_dict``), or replays the same batches in the same order."""
+        return self.loader is None or _saves_its_position(self.loader) or _replays_in_order(self.loader)
+
     def _check_the_loader_can_continue(self, path: str | os.PathLike) -> None:
         """A resume mid-epoch needs the epoch's remaining batches: a loader with ``load_state_dict`` was put
         at its saved position; one whose every pass yields the same batches in the same order can skip
@@ -339,7 +344,7 @@ class Loop:
         restarting its epoch would train on some batches twice: refused, before any work."""
         if self.loader is None or not self._mid_epoch():
             return
-        if _saves_its_position(self.loader) or _replays_in_order(self.loader):
+        if self.resumes_mid_epoch():
             return
         raise ValueError(
             f"Loop.restore: '{path}' was saved mid-epoch (after batch {self.batch} of epoch {self.epoch}), and the "

@@ -4,12 +4,14 @@ a log and its checkpoint, torn log files, and step budgets that end mid-epoch.""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import functrain as ft
+from tests.harness import Indices
 from tests.test_loop import assert_bitwise_equal, classification, make_data, make_problem
 
 EVAL_DATA = [make_data(n=8, seed=5)]
@@ -96,8 +98,8 @@ def test_a_mid_epoch_resume_is_refused_before_training_when_the_order_cannot_be_
     """A shuffled DataLoader draws a new order on every pass, so no skip finds the saved position: the resume is
     refused before any step, saying what to use instead; nothing in the checkpoint directory changes."""
     make = (lambda: data_loader(True)) if kind == "a shuffled DataLoader" else Replayed
-    with pytest.raises(KeyboardInterrupt):
-        train(make(), tmp_path, callbacks=[Crash(7)])
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="cannot be resumed from"):
+        train(make(), tmp_path, callbacks=[Crash(7)])  # warned at fit start, before the work
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(ValueError, match=r"mid-epoch.*ft\.data\.make_loader") as error:
         train(make(), tmp_path, resume=True)
@@ -248,3 +250,19 @@ def test_the_final_evaluation_does_not_leak_into_a_continued_run(tmp_path):
     assert int(state.step) == 12
     assert [r["step"] for r in history["eval"]] == [5, 10, 12]
     assert history == expected
+
+
+def test_checkpoints_by_steps_with_a_loader_that_cannot_resume_mid_epoch_warn_at_fit_start(tmp_path):
+    """Said before training, not after hours of it when the resume refuses the mid-epoch checkpoint."""
+    model = torch.nn.Linear(1, 1)
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, lambda m, b: (m(b.float().unsqueeze(1)) ** 2).mean(), tx)
+    shuffled = torch.utils.data.DataLoader(Indices(8), batch_size=2, shuffle=True)
+    checkpoint = ft.callbacks.Checkpoint(tmp_path, every_steps=3)
+    with pytest.warns(RuntimeWarning, match=r"every_steps=3.*DataLoader.*cannot be resumed from"):
+        ft.fit(step, ft.TrainState.create(model, tx), shuffled, epochs=1, checkpoint=checkpoint, callbacks=[])
+    in_order = torch.utils.data.DataLoader(Indices(8), batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an in-order loader replays: no warning
+        ft.fit(step, ft.TrainState.create(model, tx), in_order, epochs=1, checkpoint=ft.callbacks.Checkpoint(
+            tmp_path / "b", every_steps=3), callbacks=[])  # fmt: skip
