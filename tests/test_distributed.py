@@ -62,7 +62,8 @@ def free_port() -> int:
 def _worker(rank, port, scenario, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A collective that waits longer than this raises, so a broken scenario fails the test instead of hanging CI.
+    ft.distributed.init("gloo", rank=rank, world_size=WORLD, timeout=120)
     try:
         results = scenario(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -119,7 +120,35 @@ def mismatch_scenario(rank):
     return {"error": ""}
 
 
+def fsdp2_scenario(rank):
+    """What docs/concepts/distributed.md says of FSDP2: functional_call does not run a fully_shard-ed model
+    on the params it is given (on torch 2.14.1 it raises; on others it has ignored them)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    x = torch.randn(8, 4)
+    params = dict(model.named_parameters())
+    loss = model(x).pow(2).mean()
+    try:
+        zeroed = torch.func.functional_call(model, {k: (v * 0).detach() for k, v in params.items()}, (x,))
+    except RuntimeError as error:
+        return {"dtensor_params": all(type(v).__name__ == "DTensor" for v in params.values()), "error": str(error)}
+    # Zero weights give a zero output: a loss equal to the model's own means the params were ignored.
+    return {"dtensor_params": True, "error": "", "ignored": bool(torch.equal(zeroed.pow(2).mean(), loss))}
+
+
 # ----------------------------------------------------------------------------- tests
+
+
+def test_fsdp2_does_not_run_on_the_params_functional_call_passes(tmp_path):
+    """The docs' claim that functrain does not support fully_shard-ed models, kept true: if a torch release makes
+    functional_call run FSDP2 modules on the given params, this fails and the docs (and issue 17) are revisited."""
+    for result in run_on_two_ranks(fsdp2_scenario, tmp_path):
+        assert result["dtensor_params"]
+        assert "mixed torch.Tensor and DTensor" in result["error"] or result.get("ignored"), result
 
 
 def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
