@@ -411,7 +411,7 @@ def make_train_step(
         _check_state("train step", forward.expected, state)
         params = {k: p.detach().requires_grad_() for k, p in state.params.items()}
         buffers = {k: b.clone() for k, b in state.buffers.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), _rng_untouched(params):
             loss, _ = forward(params, buffers, _microbatches("train step", batch, microbatches)[0])
         forward.check_structure()
         _check_differentiable(loss, bool(params))
@@ -420,6 +420,14 @@ def make_train_step(
         return step(state, batch, inplace=False)
 
     return _checked(step, pure_step, compile, first_call, forward)
+
+
+def _rng_untouched(params: Params):
+    """The random generators as they were after the block: the first call's check runs the model
+    once more (dropout draws), and a run resumed in a new process, which checks again, must draw the
+    same numbers as the run it continues."""
+    devices = sorted({p.device.index or 0 for p in _tree.leaves(params) if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 def _check_differentiable(loss: Tensor, has_params: bool) -> None:
@@ -463,7 +471,8 @@ def make_eval_step(
         return {"loss": loss, **metrics}
 
     def first_call(state: TrainState, batch: Batch) -> None:
-        evaluate(state, batch)
+        with _rng_untouched(state.params):
+            evaluate(state, batch)
         forward.check_structure()
 
     return _checked(evaluate, evaluate, compile, first_call, forward)

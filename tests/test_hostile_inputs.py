@@ -157,3 +157,24 @@ def test_an_opt_state_from_a_smaller_model_is_named_before_any_kernel(make, inpl
         ValueError, match=r"differ in shape at opt_state\.inner_state\[0\]\.mu\['weight'\]: \(2, 3\) vs \(2, 2\)"
     ):
         step(state, BATCH)
+
+
+def test_the_first_call_check_draws_no_random_numbers():
+    """The compiled step's first-call check runs the model once more; with dropout that would shift the
+    random stream, and a run resumed in a new process (which checks again) would not continue bitwise."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    tx = ft.sgd(lr=0.1)
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+
+    def run(compile):
+        torch.manual_seed(1)
+        state, step = ft.TrainState.create(model, tx), ft.make_train_step(model, _loss, tx, compile=compile)
+        for _ in range(3):
+            state, _ = step(state, batch)
+        return state.params, torch.rand(4)
+
+    eager_params, eager_next = run(False)
+    compiled_params, compiled_next = run({"backend": "aot_eager"})  # eager's random numbers, traced
+    assert torch.equal(compiled_next, eager_next)
+    for name, p in eager_params.items():
+        torch.testing.assert_close(compiled_params[name], p)
