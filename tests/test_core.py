@@ -292,6 +292,7 @@ def test_eager_updates_reuse_the_inner_transformation_until_a_value_is_replaced(
     state = tx.init(params)
     for _ in range(3):
         updates, state = tx.update({"w": torch.ones(2)}, state, params)
+
     # The build-time check, then init; the updates reuse init's transform. (Once, the first update's
     # input check also runs init on meta tensors: the state's expected structure, no memory.)
     def real_calls():
