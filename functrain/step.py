@@ -276,7 +276,8 @@ def make_train_step(
             ``model`` runs with the state's params and buffers, in train mode.
         tx: the gradient transformation (an optimiser, or any composition).
         compile: ``True``, or a dict of ``torch.compile`` options (e.g. ``{"mode": "max-autotune"}``),
-            compiles the whole step with ``fullgraph=True``: one graph. Hyperparameters and
+            compiles the whole step with ``fullgraph=True``: one graph, for static shapes
+            (``dynamic=False`` unless given: an epoch's smaller last batch compiles one more graph). Hyperparameters and
             schedules are tensors in the state, so moving them never recompiles. GEMMs run on
             ATen's kernels (MKL on the CPU) and no choice is timed, so the numbers are bitwise the
             same across processes and with empty compile caches (``"mode": "max-autotune"`` times
@@ -521,6 +522,10 @@ def _checked(
         return _EagerStep(fn, forward)
     options = {} if compile is True else dict(compile)
     options.setdefault("fullgraph", True)
+    # Static shapes unless asked: a second batch size (an epoch's last, smaller batch) then compiles
+    # one more graph for that size. With dynamo's automatic dynamic shapes it would retrace with a
+    # symbolic batch size, and dropout under torch.func.grad cannot trace that: the step would fail.
+    options.setdefault("dynamic", False)
     compiled = torch.compile(_with_own_code(fn), **_with_gemm_pass(options))
     return _CompiledStep(compiled, pure_eager, first_call)
 

@@ -180,3 +180,16 @@ def test_the_first_call_check_draws_no_random_numbers():
     assert torch.equal(compiled_next, eager_next)
     for name, p in eager_params.items():
         torch.testing.assert_close(compiled_params[name], p)
+
+
+def test_a_compiled_step_with_dropout_takes_a_second_batch_size():
+    """An epoch's smaller last batch: with dynamo's automatic dynamic shapes the step retraced with a
+    symbolic batch size, which dropout under torch.func.grad cannot trace, and training failed there."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    tx = ft.sgd(lr=0.1)
+    step = ft.make_train_step(model, _loss, tx, compile={"backend": "aot_eager"})
+    state = ft.TrainState.create(model, tx)
+    for n in (16, 12, 8):
+        state, metrics = step(state, (torch.randn(n, 4), torch.randint(0, 2, (n,))))
+        assert torch.isfinite(metrics["loss"])
+    assert int(state.step) == 3
