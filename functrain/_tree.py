@@ -38,7 +38,11 @@ def _keyed_leaves(tree: Tree) -> list[str]:
 
 
 def first_difference(a: Tree, b: Tree) -> str:
-    """Describes where two trees first differ, by key path."""
+    """Describes where two trees first differ: where one optimiser's state meets another's, both
+    optimisers by name; else the first key path that differs; else the first node of another class."""
+    where, x, y = _first_type_difference(a, b)
+    if where is not None and (_optimiser_of(x) or _optimiser_of(y)):
+        return f"different types at {where or '<root>'}: {describe_state(x)} vs {describe_state(y)}"
     keys_a, keys_b = _keyed_leaves(a), _keyed_leaves(b)
     for key_a, key_b in zip(keys_a, keys_b):
         if key_a != key_b:
@@ -47,12 +51,22 @@ def first_difference(a: Tree, b: Tree) -> str:
         longer, extra = ("first", keys_a) if len(keys_a) > len(keys_b) else ("second", keys_b)
         missing = extra[min(len(keys_a), len(keys_b))]
         return f"first differing key: {missing or '<root>'} (only in the {longer})"
-    where, x, y = _first_type_difference(a, b)
-    return f"same keys, different types at {where or '<root>'}: {describe_state(x)} vs {describe_state(y)}"
+    if where is not None:
+        return f"same keys, different types at {where or '<root>'}: {describe_state(x)} vs {describe_state(y)}"
+    return f"same keys, different container types: {structure(a)} vs {structure(b)}"
 
 
-def _first_type_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
-    """The key path and the two nodes where ``a`` and ``b`` first differ in type (same keys assumed)."""
+def _optimiser_of(node: Any) -> str | None:
+    """The optimiser an ``ft`` optimiser's state names (``AdamState.optimiser == "adam"``), else None."""
+    return getattr(type(node), "optimiser", None)
+
+
+def _first_type_difference(a: Any, b: Any, path: str = "") -> tuple[str | None, Any, Any]:
+    """The key path and the two containers where ``a`` and ``b`` first differ in class (leaves of
+    different types, such as a tensor and its label, do not count); ``None`` when there is none."""
+    containers = (dict, list, tuple)
+    if not (isinstance(a, containers) and isinstance(b, containers)):
+        return None, a, b
     if type(a) is not type(b):
         return path, a, b
     if isinstance(a, dict):
@@ -66,13 +80,16 @@ def _first_type_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, An
         found = _first_type_difference(x, y, sub_path)
         if found[0] is not None:
             return found
-    return (None, a, b) if path else ("", a, b)
+    return None, a, b
 
 
 def describe_state(state: Any) -> str:
     """What a state is, for an error: the optimiser that built it when its class says so."""
     optimiser = getattr(type(state), "optimiser", None)
-    return f"ft.{optimiser}'s state ({type(state).__name__})" if optimiser else f"a {type(state).__name__}"
+    if optimiser:
+        return f"ft.{optimiser}'s state ({type(state).__name__})"
+    name = type(state).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def check_same_structure(a: Tree, b: Tree, name_a: str = "first", name_b: str = "second") -> None:

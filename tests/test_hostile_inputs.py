@@ -193,3 +193,24 @@ def test_a_compiled_step_with_dropout_takes_a_second_batch_size():
         state, metrics = step(state, (torch.randn(n, 4), torch.randint(0, 2, (n,))))
         assert torch.isfinite(metrics["loss"])
     assert int(state.step) == 3
+
+
+def test_no_optimisers_checkpoint_loads_into_another_optimisers_run(tmp_path):
+    """Every ordered pair of registry optimisers: the checkpoint is refused, and the error names both."""
+    params = {"w": torch.randn(4, 3), "v": torch.randn(3, 5)}  # matrices: Muon takes them too
+    states = {spec.name: spec.make(**spec.cases()[0]).init(params) for spec in SPECS}
+    step = torch.zeros((), dtype=torch.int64)
+    accepted = []
+    for saved_by, saved in states.items():
+        path = tmp_path / f"{saved_by}.pt"
+        ft.save_checkpoint(path, ft.TrainState(params, {}, saved, step))
+        for loaded_by, expected in states.items():
+            if loaded_by == saved_by:
+                continue
+            try:
+                ft.load_checkpoint(path, ft.TrainState(params, {}, expected, step))
+            except ValueError as error:
+                assert f"ft.{saved_by}'s state" in str(error) and f"ft.{loaded_by}'s state" in str(error), error
+            else:
+                accepted.append((saved_by, loaded_by))
+    assert not accepted
