@@ -312,4 +312,6 @@ TORCH_OPTIM_MIRRORS = [
     "muon",
 ]
 BEYOND_TORCH = ["lion", "lamb", "lars", "schedule_free_adamw"]
+# torch.optim steps complex parameters (as their real views) for all its optimisers but Adafactor and Muon.
+COMPLEX_SUPPORTED = [name for name in TORCH_OPTIM_MIRRORS if name not in ("adafactor", "muon")]
 BY_NAME = {spec.name: spec for spec in SPECS}

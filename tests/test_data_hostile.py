@@ -18,18 +18,9 @@ import functrain as ft
 
 from .harness import Indices
 from .test_data import within
-from .test_private_apis import without_internals
+from .test_private_apis import wait_until, without_internals
 
 FORK = "fork" in multiprocessing.get_all_start_methods()
-
-
-def wait_until(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # ----------------------------------------------------------------------------- a sample that never returns

@@ -22,7 +22,7 @@ import functrain as ft
 from functrain import _tree
 
 from .harness import MATRIX_SHAPES, SHAPES
-from .registry import BY_NAME, SPECS
+from .registry import BY_NAME, COMPLEX_SUPPORTED, SPECS
 
 
 def _adam():
@@ -43,19 +43,6 @@ WRAPPERS = {
     "named_chain": lambda: ft.named_chain(clip=ft.clip_by_global_norm(1.0), opt=_adam()),
 }
 TARGETS = [spec.name for spec in SPECS] + list(WRAPPERS)
-COMPLEX_SUPPORTED = {
-    "sgd",
-    "adam",
-    "adamw",
-    "nadam",
-    "radam",
-    "adamax",
-    "adagrad",
-    "adadelta",
-    "rmsprop",
-    "rprop",
-    "asgd",
-}
 
 
 def build(target: str) -> ft.GradientTransformation:
