@@ -103,16 +103,13 @@ def require_params(owner: str, params: Params | None) -> None:
         raise ValueError(f"{owner} needs params: call update(updates, state, params)")
 
 
-describe_state = _tree.describe_state
-
-
 def check_state_type(owner: str, state: OptState, cls: type) -> None:
     """Refuses a state that is not a ``cls`` (another transformation's), naming what it is. For
     combinators, whose parts check their own states."""
     if type(state) is not cls:  # not isinstance: AdamState and AdamaxState share a base
         raise _tree.TreeMismatchError(
-            f"{owner}.update got {describe_state(state)} as opt_state, not the {cls.__name__} that {owner}'s init "
-            "builds: pass the state this optimiser's init made (or that its checkpoint holds)"
+            f"{owner}.update got {_tree.describe_state(state)} as opt_state, not the {cls.__name__} that "
+            f"{owner}'s init builds: pass the state this optimiser's init made (or that its checkpoint holds)"
         )
 
 
@@ -141,24 +138,24 @@ def state_check(
     otherwise run on it. The compiled step then reports the eager step's error (see
     ``make_train_step``).
     """
-    own: dict[tuple, _tree.Layout] = {}  # without a structure key: the last params signature only
-    last: list = [None, None]  # the last (signature, layout): `==` on a TreeSpec is cheap, its hash is not
+    # The last (signature, layout): a model's parameters keep their signature from step to step, and
+    # `==` on a TreeSpec is cheap where its hash is not.
+    last: list = [None, None]
 
     def expected(like: Params, signature: tuple) -> _tree.Layout:
-        if last[0] == signature:
-            return last[1]
-        last[:] = [signature, lookup(like, signature)]
+        if last[0] != signature:
+            last[:] = [signature, built(like, signature)]
         return last[1]
 
-    def lookup(like: Params, signature: tuple) -> _tree.Layout:
-        cache, key = (own, signature) if structure_key is None else (_EXPECTED, (structure_key, signature))
-        if key not in cache:
-            if cache is own:
-                own.clear()  # a model's parameters keep their signature from step to step
-            elif len(_EXPECTED) >= _EXPECTED_MAX:
+    def built(like: Params, signature: tuple) -> _tree.Layout:
+        if structure_key is None:
+            return _tree.layout(init(_tree.meta_like(like)))
+        key = (structure_key, signature)
+        if key not in _EXPECTED:
+            if len(_EXPECTED) >= _EXPECTED_MAX:
                 del _EXPECTED[next(iter(_EXPECTED))]
-            cache[key] = _tree.layout(init(_tree.meta_like(like)))
-        return cache[key]
+            _EXPECTED[key] = _tree.layout(init(_tree.meta_like(like)))
+        return _EXPECTED[key]
 
     def check(updates: Updates, state: OptState, params: Params | None) -> tuple | None:
         if type(state) is not cls:  # not isinstance: AdamState and AdamaxState share a base

@@ -14,7 +14,6 @@ from .base import (
     OptState,
     apply_updates_to,
     check_state_type,
-    describe_state,
     empty_init,
     register_state,
     update_and_apply,
@@ -46,7 +45,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         # A NamedTuple is a tuple too: another optimiser's state (AdamState(count, inner)) is not a chain's.
         if not isinstance(state, (tuple, list)) or hasattr(state, "_fields"):
             raise ValueError(
-                f"chain: opt_state is {describe_state(state)}, not the tuple of states chain's init builds"
+                f"chain: opt_state is {_tree.describe_state(state)}, not the tuple of states chain's init builds"
             )
         if len(state) != len(transforms):
             raise ValueError(f"chain: state holds {len(state)} entries for {len(transforms)} transforms")
@@ -127,7 +126,7 @@ def named_chain(
     def check(updates, state, params):
         _tree.check_tensors(updates)
         if not isinstance(state, dict) or state.keys() != named.keys():
-            given = list(state) if isinstance(state, dict) else describe_state(state)
+            given = list(state) if isinstance(state, dict) else _tree.describe_state(state)
             missing = [name for name in named if not isinstance(state, dict) or name not in state]
             unexpected = [name for name in state if name not in named] if isinstance(state, dict) else []
             raise ValueError(
@@ -344,13 +343,10 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         assigned = mask_of_each(params)
         return MaskedState(inner.init(_tree.group_by_label(params, assigned, (True, False))[True]))
 
-    def check(updates, state, params):
-        check_state_type("ft.masked", state, MaskedState)
-
     def update(updates, state, params=None, **extra):
         if params is not None:
             _tree.check_same_structure(updates, params, "masked: updates", "params")
-        check(updates, state, params)
+        check_state_type("ft.masked", state, MaskedState)
         assigned = mask_of_each(updates if params is None else params)
         groups = _tree.group_by_label(updates, assigned, (True, False))
         selected_params = None if params is None else _tree.group_by_label(params, assigned, (True, False))[True]
@@ -360,7 +356,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     def update_and_apply_selected(updates, state, params, *, donate=False, **extra):
         # The selected leaves through inner's fast path; the others' updates are added unchanged.
         _tree.check_same_structure(updates, params, "masked: updates", "params")
-        check(updates, state, params)
+        check_state_type("ft.masked", state, MaskedState)
         assigned = mask_of_each(params)
         grouped_updates = _tree.group_by_label(updates, assigned, (True, False))
         grouped_params = _tree.group_by_label(params, assigned, (True, False))

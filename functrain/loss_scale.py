@@ -73,14 +73,11 @@ def dynamic_loss_scale(
             tx.init(params),
         )
 
-    def check(updates, state, params):
-        # The class only: it holds no tensor shaped like the params; the inner transformation
-        # checks its own state (every ft optimiser does).
-        check_state_type("ft.dynamic_loss_scale", state, LossScaleState)
-        _tree.check_updates(updates, params)  # it unscales every gradient before the inner one looks
-
     def update(updates, state, params=None, **extra):
-        check(updates, state, params)
+        # The class only: it holds no tensor shaped like the params; the inner transformation
+        # checks its own state (every ft optimiser does). The gradients: it unscales each first.
+        check_state_type("ft.dynamic_loss_scale", state, LossScaleState)
+        _tree.check_updates(updates, params)
         inv_scale = state.scale.double().reciprocal().float()  # GradScaler.unscale_'s rounding
         # A float32 multiplier: fp16 gradients keep their dtype but are unscaled in float32 maths,
         # as GradScaler's kernel does (1/S itself underflows in fp16 for S >= 2**25).

@@ -83,13 +83,10 @@ def apply_if_finite(tx: GradientTransformation, max_consecutive_errors: int) -> 
             count, torch.ones((), dtype=torch.bool, device=count.device), count.clone(), tx.init(params)
         )
 
-    def check(updates, state, params):
+    def update(updates, state, params=None, **extra):
         # The class only: it holds no tensor shaped like the params; the inner transformation
         # checks its own state (every ft optimiser does).
         check_state_type("ft.apply_if_finite", state, ApplyIfFiniteState)
-
-    def update(updates, state, params=None, **extra):
-        check(updates, state, params)
         inner_updates, inner_state = tx.update(updates, state.inner_state, params, **extra)
         # The gradients are checked too: a transform may map a NaN to a finite update (a sign, a
         # clipped norm) while its state has already taken the NaN in.

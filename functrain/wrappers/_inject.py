@@ -237,18 +237,18 @@ def inject_hyperparams(
         def current(state):
             return _as_tensors(_values_at(injected, state.count, state.hyperparams), state.count.device)
 
-        def check(updates, state, params):
+        def check(state):
             # The class only: the inner transformation checks its own state (every ft optimiser does).
             check_state_type(f"ft.inject_hyperparams({name})", state, InjectHyperparamsState)
 
         def update(updates, state, params=None, **extra):
-            check(updates, state, params)
+            check(state)
             hyperparams = current(state)
             updates, inner_state = inner(hyperparams).update(updates, state.inner_state, params, **extra)
             return updates, InjectHyperparamsState(state.count + 1, hyperparams, inner_state)
 
         def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
-            check(updates, state, params)
+            check(state)
             hyperparams = current(state)
             params, inner_state = update_and_apply(
                 inner(hyperparams), updates, state.inner_state, params, donate=donate, **extra
@@ -500,6 +500,8 @@ def schedulable(factory: Callable[..., GradientTransformation] | None = None, *,
     """
     if factory is None:  # used as @schedulable(complex_params=True)
         return functools.partial(schedulable, complex_params=complex_params)
+    if complex_params:
+        _COMPLEX_OPTIMISERS.append(factory.__name__)
     signature = signature_of(factory)
     # How each argument is passed, as plain tuples: a scheduled factory is called again inside a
     # traced update, where torch.compile cannot look through inspect's objects.
@@ -537,6 +539,10 @@ def schedulable(factory: Callable[..., GradientTransformation] | None = None, *,
         return _driven(at, probe.update_and_apply is not None, state_class, complex_params)
 
     return build
+
+
+# The optimisers declared with complex_params=True, in declaration order: named when another refuses.
+_COMPLEX_OPTIMISERS: list[str] = []
 
 
 def _state_class(factory: Callable[..., GradientTransformation]) -> type[ScheduleState]:
@@ -578,9 +584,8 @@ def _driven(
         key, leaf = _tree.complex_leaves(tree)[0]
         raise TypeError(
             f"{owner} does not support complex parameters ('{key}' is {leaf.dtype}); the optimisers that "
-            "step complex parameters as torch.optim does are sgd, adam, adamw, adamax, nadam, radam, "
-            "adagrad, adadelta, rmsprop, rprop and asgd (or split each into real and imaginary parts "
-            "with torch.view_as_real)"
+            f"step complex parameters as torch.optim does are {', '.join(sorted(_COMPLEX_OPTIMISERS))} (or split each "
+            "into real and imaginary parts with torch.view_as_real)"
         )
 
     def init(params):
@@ -593,39 +598,37 @@ def _driven(
 
     check = state_check(owner, init, state_class, structure_key)
 
-    def is_complex(updates, params, signature) -> bool:
-        """Whether the inputs hold complex tensors: read off the check's signature when there is one."""
-        if signature is not None and params is not None:
-            return _tree.signature_has_complex(signature)
-        return _tree.has_complex(updates) or _tree.has_complex(params)
-
-    def update(updates, state, params=None, **extra):
+    def stepped(run, updates, state, params, out_like):
+        """``run(updates, params) -> (out, inner_state)`` on checked inputs, on real views when they
+        are complex (the result viewed back like ``out_like``); returns ``out`` and the new state."""
         signature = check(updates, state, params)
-        inner = at(state.count)
-        if not is_complex(updates, params, signature):
-            new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-            return new_updates, state_class(state.count + 1, inner_state)
-        if not complex_params:
-            refuse_complex(updates if params is None else params)
-        real_updates, real_params = _tree.as_real(updates), _tree.as_real(params)
-        new_updates, inner_state = inner.update(real_updates, state.inner_state, real_params, **extra)
-        return _tree.as_complex_like(new_updates, updates), state_class(state.count + 1, inner_state)
+        # Read off the check's signature when there is one: no second walk over the trees.
+        complex_inputs = (
+            _tree.signature_has_complex(signature)
+            if signature is not None and params is not None
+            else _tree.has_complex(updates) or _tree.has_complex(params)
+        )
+        if not complex_inputs:
+            out, inner_state = run(updates, params)
+        else:
+            if not complex_params:
+                refuse_complex(updates if params is None else params)
+            out, inner_state = run(_tree.as_real(updates), _tree.as_real(params))
+            out = _tree.as_complex_like(out, out_like)
+        return out, state_class(state.count + 1, inner_state)
+
+    # The inner transformation is built inside run, after the check: a foreign state may have no count.
+    def update(updates, state, params=None, **extra):
+        def run(u, p):
+            return at(state.count).update(u, state.inner_state, p, **extra)
+
+        return stepped(run, updates, state, params, updates)
 
     def update_and_apply_inner(updates, state, params, *, donate=False, **extra):
-        signature = check(updates, state, params)
-        inner = at(state.count)
-        if not is_complex(updates, params, signature):
-            new_params, inner_state = update_and_apply(
-                inner, updates, state.inner_state, params, donate=donate, **extra
-            )
-            return new_params, state_class(state.count + 1, inner_state)
-        if not complex_params:
-            refuse_complex(params)
-        real_updates, real_params = _tree.as_real(updates), _tree.as_real(params)
-        new_params, inner_state = update_and_apply(
-            inner, real_updates, state.inner_state, real_params, donate=donate, **extra
-        )
-        return _tree.as_complex_like(new_params, params), state_class(state.count + 1, inner_state)
+        def run(u, p):
+            return update_and_apply(at(state.count), u, state.inner_state, p, donate=donate, **extra)
+
+        return stepped(run, updates, state, params, params)
 
     return GradientTransformation(init, update, update_and_apply_inner if offered else None)
 
