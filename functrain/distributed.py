@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching funcol
     funcol = None
 from torch import Tensor
 
-from . import _tree, _validate
+from . import _sharding, _tree, _validate
 from .base import EmptyState, GradientTransformation
 
 _HOW_TO_START = (
@@ -239,6 +239,13 @@ def sync_gradients(group: Any = None, bucket_cap_mb: float | None = 25.0) -> Gra
         return mean_over_ranks(updates, group, bucket_cap_mb), state
 
     return GradientTransformation(init, update)
+
+
+def full_tensors(tree: Any) -> Any:
+    """``tree`` with every DTensor (a sharded state's params and optimiser state) gathered into a
+    whole plain tensor; other leaves are kept. A collective: call it on every rank, e.g. to
+    evaluate or export the trained weights in one process."""
+    return _sharding.full_tensors(tree)
 
 
 def gather_objects(obj: Any) -> list[Any]:

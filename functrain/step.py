@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _tree, _validate
+from . import _sharding, _tree, _validate
 from .base import GradientTransformation, OptState, Params, register_state, step_count, update_and_apply
 from .loss_scale import LossScaleState
 
@@ -57,7 +57,7 @@ class TrainState(NamedTuple):
     step: Tensor
 
     @classmethod
-    def create(cls, model: nn.Module, tx: GradientTransformation) -> TrainState:
+    def create(cls, model: nn.Module, tx: GradientTransformation, *, mesh: Any = None) -> TrainState:
         """The initial state of ``model`` trained by ``tx``.
 
         The params and buffers are the model's own tensors, detached (no copy): a pure step never
@@ -68,6 +68,15 @@ class TrainState(NamedTuple):
         and ``tx`` holds state for them. Frozen parameters (``requires_grad=False``) travel with
         the buffers, as torch.optim skips a parameter whose ``.grad`` is None: they are never
         differentiated (no backward work) and never moved.
+
+        With ``mesh`` (a ``torch.distributed.device_mesh.DeviceMesh``; call on every rank), the
+        params are sharded (FSDP / ZeRO-3): each becomes a DTensor split by rows over the mesh,
+        ``Shard(0)``, from rank 0's values, and ``tx.init`` builds the optimiser state sharded the
+        same way, so each rank holds 1/N of both. A parameter whose first dimension has fewer rows
+        than the mesh has ranks (a 0-d tensor, a short bias) is replicated instead. A 2-D mesh
+        named ``("replicate", "shard")`` gives HSDP: replicated over the first dimension, sharded
+        over the second. Buffers and frozen parameters stay plain tensors, whole on every rank.
+        Train the state with ``make_train_step(..., mesh=mesh)``.
 
         Example:
             >>> import torch, functrain as ft
@@ -81,6 +90,8 @@ class TrainState(NamedTuple):
             raise TypeError(f"TrainState.create: tx must be a GradientTransformation, got {type(tx).__name__}")
         named = list(model.named_parameters())
         params = {name: p.detach() for name, p in named if p.requires_grad}
+        if mesh is not None:
+            params = _sharding.shard("TrainState.create", params, _sharding.check_mesh("TrainState.create", mesh))
         frozen = {name: p.detach() for name, p in named if not p.requires_grad}
         buffers = {**frozen, **{name: b.detach() for name, b in model.named_buffers()}}
         return cls(params, buffers, tx.init(params), step_count(params or buffers))
@@ -267,6 +278,7 @@ def make_train_step(
     microbatches: int = 1,
     precision: str | None = None,
     reduce_buffers: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    mesh: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds ``step(state, batch) -> (state, metrics)``: one optimiser step of ``tx`` on ``loss_fn``.
 
@@ -305,6 +317,16 @@ def make_train_step(
         reduce_buffers: applied to the new buffers at the end of each step; in data-parallel
             training, ``ft.distributed.mean_over_ranks`` keeps BatchNorm statistics identical on
             every rank (without it each rank keeps its own shard's statistics).
+        mesh: train a sharded state (``TrainState.create(model, tx, mesh=mesh)``, FSDP / ZeRO-3 or
+            HSDP) on this ``DeviceMesh``. Each rank passes its own part of the batch; the step
+            gathers each parameter for the forward pass, and the backward of that gather
+            reduce-scatters its gradient, so every rank gets its shard of the gradient of the mean
+            loss over all ranks' batches: the step equals one process on the combined batch (for a
+            mean-reduced loss with equal parts). ``tx`` runs on the local shards; global norms,
+            trust ratios and factored statistics reduce across ranks, and Muon orthogonalises whole
+            matrices. Gradients come from ``torch.autograd.grad`` (``torch.func.grad`` does not run
+            on DTensor), so a sharded step cannot itself be differentiated or vmapped. The
+            metrics are means over all ranks.
 
     The step calls ``tx`` with the extra arguments ``value`` (the loss, a 0-d tensor, averaged
     over microbatches) and ``value_fn`` (``value_fn(params) -> (loss, grads)``: the loss on the same
@@ -338,6 +360,8 @@ def make_train_step(
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
     _validate.integer(owner, "microbatches", microbatches, 1)
+    if mesh is not None:
+        _sharding.check_mesh(owner, mesh)
     forward = _Forward("train step", model, loss_fn, training=True, precision=precision)
 
     def loss_for_grad(params, buffers, batch, loss_scale):
@@ -362,11 +386,28 @@ def make_train_step(
         metrics = {k: v.detach() for k, v in metrics.items()}
         return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
 
+    def sharded_grad_and_loss(params, buffers, batch, loss_scale):
+        """The gradient of the mean loss over every rank of the mesh, as shards like the params'
+        (see ``functrain._sharding``), with the loss and metrics averaged over the ranks."""
+        leaves, spec = _tree.flatten(params)
+        inputs = [p.detach().requires_grad_() for p in leaves]
+        with torch.enable_grad():
+            whole = _tree.unflatten([_sharding.gather(p) for p in inputs], spec)
+            scaled, (loss, metrics) = loss_for_grad(whole, buffers, batch, loss_scale)
+            _check_differentiable(scaled, bool(inputs))
+            # Each rank's loss is the mean over its own part of the batch; the gather's backward
+            # sums gradients over ranks, so 1/N of each gives the gradient of the mean over ranks.
+            grads = torch.autograd.grad(scaled / mesh.size(), inputs, allow_unused=True)
+        grads = [_sharding.like_param(g, p) for g, p in zip(grads, inputs)]
+        loss, metrics = _sharding.mean_metrics(loss, {k: v.detach() for k, v in metrics.items()}, mesh)
+        return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
+
     def gradients(params, buffers, batch, loss_scale):
         """The gradient (of the scaled loss), the mean loss and each microbatch's metrics at ``params``."""
         grads, losses, metrics = None, [], []
+        differentiate = grad_and_loss if mesh is None else sharded_grad_and_loss
         for part in _microbatches("train step", batch, microbatches):
-            part_grads, (_, (loss, part_metrics)) = grad_and_loss(params, buffers, part, loss_scale)
+            part_grads, (_, (loss, part_metrics)) = differentiate(params, buffers, part, loss_scale)
             grads = part_grads if grads is None else _tree.add(grads, part_grads)
             losses.append(loss)
             metrics.append(part_metrics)
@@ -376,6 +417,8 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch, inplace: bool = inplace) -> tuple[TrainState, Metrics]:
         _check_state("train step", forward.expected, state)
+        if mesh is not None and not torch.compiler.is_compiling():
+            _sharding.check_sharded("train step", state.params, mesh)
         loss_scale = _loss_scale_of(state.opt_state, precision)
         # functional_call lets BatchNorm write its running statistics into the buffers it is
         # given; a pure step hands it copies, an in-place step the state's own tensors.
@@ -410,17 +453,20 @@ def make_train_step(
         loss must depend on the parameters (under torch.func.grad a detached loss has zero gradient,
         silently), and the model must not create parameters while it runs."""
         _check_state("train step", forward.expected, state)
+        if mesh is not None:
+            _sharding.check_sharded("train step", state.params, mesh)
         params = {k: p.detach().requires_grad_() for k, p in state.params.items()}
         buffers = {k: b.clone() for k, b in state.buffers.items()}
         with torch.enable_grad(), _rng_untouched(params):
-            loss, _ = forward(params, buffers, _microbatches("train step", batch, microbatches)[0])
+            whole = params if mesh is None else {k: _sharding.gather(p) for k, p in params.items()}
+            loss, _ = forward(whole, buffers, _microbatches("train step", batch, microbatches)[0])
         forward.check_structure()
         _check_differentiable(loss, bool(params))
 
     def pure_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         return step(state, batch, inplace=False)
 
-    return _checked(step, pure_step, compile, first_call, forward)
+    return _checked(step, pure_step, compile, first_call, forward, traces_autograd=mesh is not None)
 
 
 def _rng_untouched(params: Params):
@@ -447,11 +493,14 @@ def make_eval_step(
     *,
     compile: bool | dict[str, Any] = False,
     precision: str | None = None,
+    mesh: Any = None,
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Builds ``evaluate(state, batch) -> metrics``: ``loss_fn`` in eval mode, without gradients.
 
     The state is not changed (BatchNorm uses its running statistics and updates nothing). Train
     and eval steps own separate model copies, so interleaving them never recompiles either.
+    With ``mesh``, the state is sharded (``TrainState.create(..., mesh=mesh)``): each parameter is
+    gathered for the forward pass, and the metrics are means over the ranks' parts of the batch.
 
     Example:
         >>> import torch, torch.nn.functional as F, functrain as ft
@@ -463,12 +512,21 @@ def make_eval_step(
     """
     owner = "make_eval_step"
     _check_step_args(owner, model, loss_fn, compile, precision)
+    if mesh is not None:
+        _sharding.check_mesh(owner, mesh)
     forward = _Forward("eval step", model, loss_fn, training=False, precision=precision)
 
     def evaluate(state: TrainState, batch: Batch) -> Metrics:
         _check_state("eval step", forward.expected, state)
+        if mesh is None:
+            with torch.no_grad():
+                loss, metrics = forward(state.params, state.buffers, batch)
+            return {"loss": loss, **metrics}
+        if not torch.compiler.is_compiling():
+            _sharding.check_sharded("eval step", state.params, mesh)
         with torch.no_grad():
-            loss, metrics = forward(state.params, state.buffers, batch)
+            loss, metrics = forward({k: _sharding.gather(p) for k, p in state.params.items()}, state.buffers, batch)
+            loss, metrics = _sharding.mean_metrics(loss, metrics, mesh)
         return {"loss": loss, **metrics}
 
     def first_call(state: TrainState, batch: Batch) -> None:
@@ -515,9 +573,15 @@ def _write_into(old: TrainState, new: TrainState) -> TrainState:
 
 
 def _checked(
-    fn: Callable, pure_eager: Callable, compile: bool | dict[str, Any], first_call: Callable, forward: _Forward
+    fn: Callable,
+    pure_eager: Callable,
+    compile: bool | dict[str, Any],
+    first_call: Callable,
+    forward: _Forward,
+    traces_autograd: bool = False,
 ) -> Callable:
-    """``fn``, compiled when asked, whose errors are the eager step's: same type, same message."""
+    """``fn``, compiled when asked, whose errors are the eager step's: same type, same message.
+    ``traces_autograd``: ``fn`` calls ``torch.autograd.grad``, which dynamo traces only when told to."""
     if compile is False:
         return _EagerStep(fn, forward)
     options = {} if compile is True else dict(compile)
@@ -527,7 +591,7 @@ def _checked(
     # symbolic batch size, and dropout under torch.func.grad cannot trace that: the step would fail.
     options.setdefault("dynamic", False)
     compiled = torch.compile(_with_own_code(fn), **_with_gemm_pass(options))
-    return _CompiledStep(compiled, pure_eager, first_call)
+    return _CompiledStep(compiled, pure_eager, first_call, traces_autograd)
 
 
 class _EagerStep:
@@ -556,9 +620,12 @@ class _CompiledStep:
     compiler's error is re-raised as it was. Nothing is re-run on the happy path.
     """
 
-    def __init__(self, compiled: Callable, pure_eager: Callable, first_call: Callable):
+    def __init__(self, compiled: Callable, pure_eager: Callable, first_call: Callable, traces_autograd: bool):
         self._compiled, self._pure_eager, self._first_call = compiled, pure_eager, first_call
         self._checked = False
+        # Scoped to this step's calls (never set globally): dynamo compiles on a call, and only a
+        # step that calls torch.autograd.grad inside (the sharded one) needs it traced.
+        self._config = torch._dynamo.config.patch(trace_autograd_ops=True) if traces_autograd else None
         functools.update_wrapper(self, pure_eager)
 
     def __getattr__(self, name: str) -> Any:  # what torch.compile's wrapper offers (e.g. dynamo's cache)
@@ -569,7 +636,10 @@ class _CompiledStep:
             self._first_call(*args, **kwargs)
             self._checked = True
         try:
-            return self._compiled(*args, **kwargs)
+            if self._config is None:
+                return self._compiled(*args, **kwargs)
+            with self._config:
+                return self._compiled(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise
         except Exception:

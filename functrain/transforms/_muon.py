@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import _tree
+from .. import _sharding, _tree
 from ..base import GradientTransformation, Params, register_state, step_count
 
 cast = _tree.scalar_for
@@ -132,7 +132,10 @@ def scale_by_muon(
         def step(g, buf):
             buf = buf.lerp(g, cast(1 - momentum, buf))
             direction = g.lerp(buf, cast(momentum, g)) if nesterov else buf
-            ortho = orthogonalize_via_newton_schulz(direction, ns_coefficients, ns_steps, eps)
+            # Newton-Schulz is a function of the whole matrix: a sharded one is gathered first.
+            ortho = _sharding.on_whole(
+                lambda whole: orthogonalize_via_newton_schulz(whole, ns_coefficients, ns_steps, eps), direction
+            )
             return ortho.to(g.dtype) * _lr_ratio(adjust_lr_fn, g.shape), buf
 
         out, buf = _tree.map_many(step, updates, state.momentum_buffer, n=2)

@@ -1,0 +1,158 @@
+"""Sharded parameters on DTensor (FSDP / ZeRO-3, and HSDP on a 2-D mesh), the SimpleFSDP way.
+
+Each parameter is a ``DTensor`` over a ``DeviceMesh``; each rank holds 1/N of it (``Shard(0)``)
+and the optimiser state ``tx.init`` builds from it is sharded the same way, so params and state
+take 1/N of the memory per rank. The step gathers each parameter where the model needs it, as an
+ordinary differentiable op::
+
+    full = p.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+whose backward is the reduce-scatter of the gradient: each rank gets the sum over ranks of its own
+rows. The gradient then has the parameter's placements, and the optimiser runs on local shards.
+DTensor's ops make the transforms that look at whole tensors exact (a global norm sums the
+squares of every shard; a row or column mean reduces across ranks); the few that cannot be written
+as such ops (Muon's Newton-Schulz iteration) gather the whole tensor with :func:`on_whole`.
+
+Because the sharding is a pair of collectives inside one traced function (not module hooks, as
+FSDP2's ``fully_shard``), ``torch.compile`` sees the whole step, communication included.
+
+``torch.distributed.tensor`` is imported only when a mesh is used: a process that never shards
+pays nothing for it, and no tensor can be a DTensor before it is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _tree
+
+# A 2-D mesh is HSDP: replicate over the first dimension (e.g. nodes), shard over the second.
+HSDP_DIM_NAMES = ("replicate", "shard")
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (False, cheaply, when DTensor was never imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def has_dtensors(tree: Any) -> bool:
+    return any(is_dtensor(t) for t in _tree.leaves(tree))
+
+
+def check_mesh(owner: str, mesh: Any) -> Any:
+    """``mesh``, checked: a 1-D DeviceMesh (FSDP), or a 2-D one named ``("replicate", "shard")`` (HSDP)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(
+            f"{owner}: mesh must be a torch.distributed.device_mesh.DeviceMesh (e.g. "
+            f'init_device_mesh("cpu", (world_size,))) or None, got {type(mesh).__name__}'
+        )
+    if mesh.ndim == 2 and mesh.mesh_dim_names != HSDP_DIM_NAMES:
+        raise ValueError(
+            f"{owner}: a 2-D mesh is HSDP and must be named {HSDP_DIM_NAMES} (replicate over the first dimension, "
+            f"shard over the second), got mesh_dim_names={mesh.mesh_dim_names}"
+        )
+    if mesh.ndim not in (1, 2):
+        raise ValueError(f"{owner}: mesh must be 1-D (FSDP) or 2-D (HSDP), got a {mesh.ndim}-D mesh")
+    return mesh
+
+
+def placements(t: Tensor, mesh: Any) -> list:
+    """Where ``t`` lives on ``mesh``: its rows split over the shard dimension (``Shard(0)``) when
+    the first dimension has at least one row per rank; otherwise (a 0-d tensor, a vector shorter
+    than the mesh) a whole copy on every rank (``Replicate()``). On an HSDP mesh each replica
+    group holds the whole tensor, sharded within the group."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard_ranks = mesh.size(mesh.ndim - 1)
+    inner = Shard(0) if t.ndim >= 1 and t.shape[0] >= shard_ranks else Replicate()
+    return [Replicate()] * (mesh.ndim - 1) + [inner]
+
+
+def shard(owner: str, params: dict[str, Tensor], mesh: Any) -> dict[str, Tensor]:
+    """``params`` distributed over ``mesh`` from rank 0's values (each rank keeps its shard)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for name, p in params.items():
+        if is_dtensor(p):
+            raise ValueError(f"{owner}: parameter {name!r} is already a DTensor; pass a model with plain parameters")
+        if p.is_complex():
+            raise TypeError(
+                f"{owner}: parameter {name!r} is complex ({p.dtype}); sharded training supports real parameters only"
+            )
+        out[name] = distribute_tensor(p.detach(), mesh, placements(p, mesh))
+    return out
+
+
+def check_sharded(owner: str, params: dict[str, Tensor], mesh: Any) -> None:
+    """Refuses a state whose params are not DTensors on ``mesh`` (a state built without ``mesh=``)."""
+    for name, p in params.items():
+        if not is_dtensor(p):
+            raise ValueError(
+                f"{owner}: parameter {name!r} is a plain tensor but the step was built with mesh=: build the state "
+                "with ft.TrainState.create(model, tx, mesh=mesh)"
+            )
+        if p.device_mesh != mesh:
+            raise ValueError(f"{owner}: parameter {name!r} lives on {p.device_mesh}, but the step was built for {mesh}")
+
+
+def gather(p: Tensor) -> Tensor:
+    """The whole of DTensor ``p`` as a plain tensor on every rank; its backward reduce-scatters the
+    gradient (sums it over ranks, each keeping its rows), and all-reduces it where ``p`` is replicated."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    ndim = p.device_mesh.ndim
+    return p.redistribute(p.device_mesh, [Replicate()] * ndim).to_local(grad_placements=[Partial()] * ndim)
+
+
+def like_param(grad: Tensor | None, p: Tensor) -> Tensor:
+    """``grad`` with ``p``'s placements (zeros when ``p`` did not take part in the loss)."""
+    if grad is None:
+        return torch.zeros_like(p)
+    return grad if tuple(grad.placements) == tuple(p.placements) else grad.redistribute(p.device_mesh, p.placements)
+
+
+def mean_over_mesh(values: Tensor, mesh: Any) -> Tensor:
+    """The mean over every rank of ``mesh`` of ``values``, a plain tensor each rank computed."""
+    import torch.distributed._functional_collectives as funcol
+
+    total = values
+    for dim in range(mesh.ndim):
+        total = funcol.all_reduce(total, "sum", (mesh, dim))
+    return total / mesh.size()
+
+
+def mean_metrics(loss: Tensor, metrics: dict[str, Tensor], mesh: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss and 0-d metrics averaged over the mesh in one collective per mesh dimension;
+    floating-point metrics keep their dtype, counts become the loss's dtype."""
+    names = sorted(metrics)
+    means = mean_over_mesh(torch.stack([loss, *(metrics[k].to(loss.dtype) for k in names)]), mesh)
+    return means[0], {
+        k: mean.to(metrics[k].dtype) if metrics[k].is_floating_point() else mean for k, mean in zip(names, means[1:])
+    }
+
+
+def on_whole(fn: Any, t: Tensor) -> Tensor:
+    """``fn(t)`` for a function of a whole tensor (Muon's orthogonalisation): a sharded DTensor is
+    gathered, ``fn`` runs on the whole tensor on every rank, and each rank keeps its own rows, so
+    the result equals the unsharded one exactly. A plain tensor goes straight to ``fn``."""
+    if not is_dtensor(t):
+        return fn(t)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = t.device_mesh
+    whole = fn(t.full_tensor())
+    # Replicate -> Shard keeps each rank's rows of its own copy: no communication.
+    return DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, t.placements)
+
+
+def full_tensors(tree: Any) -> Any:
+    """``tree`` with every DTensor gathered into a plain tensor (collective: call on every rank)."""
+    return _tree.map(lambda t: t.full_tensor() if is_dtensor(t) else t, tree)

@@ -1,0 +1,266 @@
+"""Sharded training on DTensor (FSDP / ZeRO-3 and HSDP): N gloo processes on loopback against one
+process on the combined batch, for every optimiser in the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+import functrain as ft
+
+from . import registry
+from .ranks import run_on_ranks
+
+STEPS = 3
+
+
+class Net(nn.Module):
+    """Every placement the sharding rule makes: a weight split evenly over 2 and 4 ranks (8 rows),
+    one split unevenly (5 rows), and tensors with fewer rows than ranks (1), which stay replicated."""
+
+    def __init__(self, bias=True, batchnorm=False):
+        super().__init__()
+        self.a = nn.Linear(6, 8, bias=bias)
+        self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.b = nn.Linear(8, 5, bias=bias)
+        self.c = nn.Linear(5, 1, bias=bias)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.norm(self.a(x))))))
+
+
+def make_model(bias=True, batchnorm=False, dtype=torch.float64):
+    torch.manual_seed(0)
+    return Net(bias, batchnorm).to(dtype)
+
+
+def batches(n=STEPS, size=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(size, 6, generator=g, dtype=dtype), torch.randn(size, 1, generator=g, dtype=dtype))
+        for _ in range(n)
+    ]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    out = model(x)
+    return F.mse_loss(out, y), {"mean_out": out.mean()}
+
+
+def part(batch, rank, world):
+    return tuple(t.chunk(world)[rank] for t in batch)
+
+
+def train(model, tx, data, mesh=None, rank=0, world=1, **step_kwargs):
+    state = ft.TrainState.create(model, tx, mesh=mesh)
+    step = ft.make_train_step(model, loss_fn, tx, mesh=mesh, **step_kwargs)
+    metrics = []
+    for batch in data:
+        state, m = step(state, batch if mesh is None else part(batch, rank, world))
+        metrics.append(m)
+    return state, metrics
+
+
+def whole(state):
+    return ft.distributed.full_tensors(state)
+
+
+def max_relative_error(actual, expected):
+    worst = 0.0
+    for a, e in zip(ft._tree.leaves(actual), ft._tree.leaves(expected)):
+        if a.is_floating_point() and a.numel():
+            worst = max(worst, ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def mesh_1d():
+    return init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+
+
+# ----------------------------------------------------------------------------- scenarios (run in each rank)
+
+
+def registry_scenario(rank):
+    """Every option of every registry optimiser: sharded over the ranks == one process, params and state."""
+    world, mesh = torch.distributed.get_world_size(), mesh_1d()
+    data = batches()
+    errors = {}
+    for spec in registry.SPECS:
+        for i, kwargs in enumerate(spec.cases()):
+            model = make_model(bias=not spec.matrices_only)
+            reference, ref_metrics = train(model, spec.make(**kwargs), data)
+            sharded, metrics = train(model, spec.make(**kwargs), data, mesh, rank, world)
+            got = whole(sharded)
+            errors[f"{spec.name}[{i}]"] = torch.tensor(
+                [
+                    max_relative_error(got.params, reference.params),
+                    max_relative_error(got.opt_state, reference.opt_state),
+                    max_relative_error(metrics, ref_metrics),
+                ]
+            )
+    return errors
+
+
+def placements_scenario(rank):
+    mesh = mesh_1d()
+    state = ft.TrainState.create(make_model(), ft.adamw(lr=0.01), mesh=mesh)
+    return {
+        "local_rows": {k: torch.tensor(p.to_local().shape[0] if p.ndim else 0) for k, p in state.params.items()},
+        "placements": {k: str(p.placements) for k, p in state.params.items()},
+        # the moments: "inner_state.0.mu.a.weight", "inner_state.0.nu.a.weight"
+        "state_placements": {k: str(v.placements) for k, v in ft._tree.named_leaves(state.opt_state) if v.ndim},
+    }
+
+
+def compiled_scenario(rank):
+    """Compiled (one graph, collectives inside) == eager unsharded; moving a hyperparameter never recompiles."""
+    from torch._dynamo.utils import counters
+
+    world, mesh = torch.distributed.get_world_size(), mesh_1d()
+    data = batches(n=4, dtype=torch.float32)
+
+    def make():
+        sched = ft.schedules.cosine_annealing_lr(0.05, T_max=10)
+        return ft.chain(ft.clip_by_global_norm(0.5), ft.inject_hyperparams(ft.adamw)(lr=sched, weight_decay=0.1))
+
+    model = make_model(dtype=torch.float32)
+    reference, _ = train(model, make(), data)
+    counters.clear()
+    state = ft.TrainState.create(model, make(), mesh=mesh)
+    step = ft.make_train_step(model, loss_fn, make(), mesh=mesh, compile=True)
+    for t, batch in enumerate(data):
+        if t == 2:  # a new value for a hyperparameter the schedule does not drive
+            hp = state.opt_state[1]
+            state = state._replace(opt_state=(state.opt_state[0], ft.set_hyperparams(hp, weight_decay=0.1)))
+        state, metrics = step(state, part(batch, rank, world))
+    return {
+        "error": torch.tensor(max_relative_error(whole(state).params, reference.params)),
+        "graphs": torch.tensor(counters["stats"]["unique_graphs"]),
+        "loss": metrics["loss"],
+    }
+
+
+def options_scenario(rank):
+    """Microbatches, BatchNorm statistics averaged over ranks, an in-place (donating) step and the eval step."""
+    world, mesh = torch.distributed.get_world_size(), mesh_1d()
+    data = batches(size=8)
+    out = {}
+    model = make_model()
+    ref, _ = train(model, ft.adamw(lr=0.01), data, microbatches=2)
+    got, _ = train(model, ft.adamw(lr=0.01), data, mesh, rank, world, microbatches=2)
+    out["microbatches"] = max_relative_error(whole(got).params, ref.params)
+    bn = make_model(batchnorm=True)
+    ref, _ = train(bn, ft.adamw(lr=0.01), data)
+    # Each rank's BatchNorm sees its own part of the batch, as in torch's DDP: the params follow
+    # the combined batch only up to those statistics, so compare against per-part statistics.
+    got, _ = train(bn, ft.adamw(lr=0.01), data, mesh, rank, world, reduce_buffers=ft.distributed.mean_over_ranks)
+    out["batchnorm_buffers_equal_on_ranks"] = got.buffers["norm.running_mean"]
+    model = make_model()
+    ref, _ = train(model, ft.adamw(lr=0.01), data)
+    got, _ = train(model, ft.adamw(lr=0.01), data, mesh, rank, world, inplace=True)
+    out["inplace"] = max_relative_error(whole(got).params, ref.params)
+    evaluate = ft.make_eval_step(model, loss_fn, mesh=mesh)
+    ref_eval = ft.make_eval_step(model, loss_fn)(ref, data[0])
+    got_eval = evaluate(got, part(data[0], rank, world))
+    out["eval"] = max_relative_error(got_eval, ref_eval)
+    return {k: torch.as_tensor(v) for k, v in out.items()}
+
+
+def hsdp_scenario(rank):
+    """A 2x2 mesh: replicated over ("replicate"), sharded over ("shard"); == one process."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    data = batches()
+    model = make_model()
+    ref, _ = train(model, ft.lamb(lr=0.01), data)
+    got, _ = train(model, ft.lamb(lr=0.01), data, mesh, rank, 4)
+    return {
+        "error": torch.tensor(max_relative_error(whole(got).params, ref.params)),
+        "local_rows": torch.tensor(got.params["a.weight"].to_local().shape[0]),
+        "placements": str(got.params["a.weight"].placements),
+    }
+
+
+def errors_scenario(rank):
+    mesh = mesh_1d()
+    model = make_model()
+    out = {}
+    for name, call in {
+        "plain_state": lambda: ft.make_train_step(model, loss_fn, ft.sgd(lr=0.1), mesh=mesh)(
+            ft.TrainState.create(model, ft.sgd(lr=0.1)), batches(1)[0]
+        ),
+        "not_a_mesh": lambda: ft.TrainState.create(model, ft.sgd(lr=0.1), mesh="cpu"),
+        "unnamed_2d": lambda: ft.make_train_step(model, loss_fn, ft.sgd(lr=0.1), mesh=init_device_mesh("cpu", (1, 2))),
+        "complex": lambda: ft.TrainState.create(nn.Linear(2, 2).to(torch.complex64), ft.adam(), mesh=mesh),
+    }.items():
+        try:
+            call()
+            out[name] = "no error"
+        except (TypeError, ValueError) as error:
+            out[name] = f"{type(error).__name__}: {error}"
+    return out
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def two_ranks_registry(tmp_path_factory):
+    return run_on_ranks(registry_scenario, 2, tmp_path_factory.mktemp("registry"))
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in registry.SPECS])
+def test_every_optimiser_sharded_over_two_ranks_equals_one_process(two_ranks_registry, name):
+    for rank in two_ranks_registry:
+        cases = {k: v for k, v in rank.items() if k.startswith(f"{name}[")}
+        assert cases
+        for case, (params, opt_state, metrics) in cases.items():
+            # float64: only the order of the sums over shards differs from one process
+            assert params < 1e-12 and opt_state < 1e-12 and metrics < 1e-12, (case, params, opt_state, metrics)
+
+
+def test_params_and_state_are_split_by_rows_small_ones_replicated(tmp_path):
+    for world in (2, 4):
+        ranks = run_on_ranks(placements_scenario, world, tmp_path / str(world))
+        rows = {k: [int(r["local_rows"][k]) for r in ranks] for k in ranks[0]["local_rows"]}
+        assert rows["a.weight"] == [8 // world] * world  # even
+        assert sum(rows["b.weight"]) == 5 and max(rows["b.weight"]) == -(-5 // world)  # uneven, torch.chunk sizes
+        assert rows["c.weight"] == [1] * world and "Replicate" in ranks[0]["placements"]["c.weight"]
+        assert "Shard(dim=0)" in ranks[0]["placements"]["a.weight"]
+        moments = {k: v for k, v in ranks[0]["state_placements"].items() if k.endswith("u.a.weight")}
+        assert len(moments) == 2 and set(moments.values()) == {ranks[0]["placements"]["a.weight"]}, moments
+
+
+@pytest.mark.slow
+def test_compiled_sharded_step_equals_eager_one_process_in_one_graph(tmp_path):
+    ranks = run_on_ranks(compiled_scenario, 2, tmp_path)
+    for r in ranks:
+        assert r["error"] < 1e-5, r["error"]
+        assert int(r["graphs"]) == 1
+    assert torch.equal(ranks[0]["loss"], ranks[1]["loss"])
+
+
+def test_microbatches_batchnorm_inplace_and_eval_sharded(tmp_path):
+    ranks = run_on_ranks(options_scenario, 2, tmp_path)
+    for r in ranks:
+        assert r["microbatches"] < 1e-12 and r["inplace"] < 1e-12 and r["eval"] < 1e-12, r
+    assert torch.equal(ranks[0]["batchnorm_buffers_equal_on_ranks"], ranks[1]["batchnorm_buffers_equal_on_ranks"])
+
+
+def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
+    ranks = run_on_ranks(hsdp_scenario, 4, tmp_path)
+    for r in ranks:
+        assert r["error"] < 1e-12
+        assert int(r["local_rows"]) == 4  # 8 rows over the 2 ranks of the shard dimension
+        assert r["placements"] == "(Replicate(), Shard(dim=0))"
+
+
+def test_mesh_misuse_is_named(tmp_path):
+    errors = run_on_ranks(errors_scenario, 2, tmp_path)[0]
+    assert "TrainState.create(model, tx, mesh=mesh)" in errors["plain_state"]
+    assert errors["not_a_mesh"].startswith("TypeError") and "DeviceMesh" in errors["not_a_mesh"]
+    assert "('replicate', 'shard')" in errors["unnamed_2d"]
+    assert errors["complex"].startswith("TypeError") and "complex" in errors["complex"]
