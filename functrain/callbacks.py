@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from . import _tree, _validate, distributed
-from .checkpoint import _atomic_write, _create_temporary, _sweep_temporaries, step_file_name, step_of_file
+from .checkpoint import (
+    _atomic_write,
+    _create_temporary,
+    _is_checkpoint,
+    _remove,
+    _sweep_temporaries,
+    step_file_name,
+    step_of_file,
+)
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -195,16 +203,23 @@ class Checkpoint(Callback):
     A state with a NaN or infinite parameter is not saved (a warning says so), so the last
     checkpoint is always one worth resuming from.
 
+    A sharded state (``TrainState.create(model, tx, mesh=mesh)``) is saved sharded: each checkpoint
+    is then a directory of the same name (``step-00000120.pt/``), in which every rank writes its own
+    shards (see :func:`~functrain.save_checkpoint`); the rules below hold for those directories too.
+
     The directory may hold other files, and other runs may save there. Checkpoint deletes only:
 
     - periodic checkpoints beyond ``keep``, oldest step first, named exactly as it names them,
       ``step-`` and the step in 8 or more digits, zero-padded (``step-00000002.pt``; not
-      ``step-2.pt`` or ``step-00000002-known-good.pt``);
+      ``step-2.pt`` or ``step-00000002-known-good.pt``), and, for a directory of that name, only one
+      holding a sharded checkpoint's ``functrain.pt``;
     - at the start of training, the temporary files of a save (``.step-00000009.pt.functrain-<host>-
       <pid>-<random>.tmp``, and the same for ``best.pt``) whose process was killed: written on this
       host by a process id that no running process has. A save in flight in another live process
       is left alone; so is a temporary written on another host, which is named in a warning since
-      it cannot be checked from here.
+      it cannot be checked from here. A previous sharded checkpoint that an interrupted save had
+      moved aside (``.best.pt.functrain-<host>-<pid>-<random>.old``) is removed only once a new one
+      carries its name; until then a warning names it.
 
     Args:
         directory: where the files go.
@@ -307,10 +322,10 @@ class Checkpoint(Callback):
         periodic = sorted(
             (step, path)
             for path in self.directory.iterdir()
-            if (step := step_of_file(path.name)) is not None and path.is_file()
+            if (step := step_of_file(path.name)) is not None and _is_checkpoint(path)
         )
         for _, old in periodic[: -self.keep]:
-            old.unlink(missing_ok=True)
+            _remove(old)  # a file, or a sharded checkpoint's directory
 
     @staticmethod
     def _finite(loop: Loop) -> bool:

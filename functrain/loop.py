@@ -15,6 +15,7 @@ once per epoch and ``max_steps`` ended the last epoch early) and ``on_fit_end``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,15 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from . import _tree, _validate, distributed
 from .callbacks import Callback, Checkpoint, ProgressBar, StopOnNonFinite
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    _is_checkpoint,
+    _load,
+    _moved_aside_note,
+    latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .wrappers import hyperparams
 
 History = dict[str, list[dict[str, Any]]]
@@ -299,14 +308,21 @@ class Loop:
     def restore(self, path: str | os.PathLike, like: Any) -> Any:
         """Loads a checkpoint written by :meth:`save` (restoring loader, RNGs, progress); returns the state.
 
+        A checkpoint saved by another number of ranks (4, resumed on 2) restores the state (resharded),
+        the step, the epoch, the history and the callbacks exactly; the loader positions and generators
+        it holds are per rank and cannot apply, so a warning says what is not exact (see
+        :meth:`_resume_on_other_ranks`).
+
         Raises:
             ValueError: the checkpoint was saved mid-epoch and the loader can neither be put at its
                 position (no ``load_state_dict``) nor replay the epoch's order to skip the batches taken.
         """
-        state, progress = load_checkpoint(path, like, loader=self.loader)
+        state, progress, saved_by = _load(path, like, loader=self.loader, restore_rng=True)
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
         if progress["epoch_finished"]:  # saved in on_epoch_end: carry on with the next epoch
             self.epoch, self.batch = self.epoch + 1, 0
+        if saved_by != distributed.world_size():
+            self._resume_on_other_ranks(path, saved_by)
         self._check_the_loader_can_continue(path)
         self.history = progress["history"]
         self.meter.load_state_dict(progress["meter"])
@@ -318,6 +334,36 @@ class Loop:
                 cb.load_state_dict(progress["callbacks"][f"{name}.{seen[name]}"])
         self.resumed = True
         return state
+
+    def _resume_on_other_ranks(self, path: str | os.PathLike, saved_by: int) -> None:
+        """Continues a run saved by ``saved_by`` ranks on this run's number: from the saved step and epoch,
+        the epoch restarted from its first batch.
+
+        Each rank's loader position counts batches of that rank's share of the data, and the shares
+        change with the number of ranks, so no position carries over; nor do the per-rank random streams.
+        Restarting the epoch trains again on the part of it already taken, once; the alternative,
+        refusing, would strand a run on the hardware it started on, which is what resharding is for.
+        This is what Lightning does with a checkpoint it cannot resume mid-epoch (it warns and restarts
+        the epoch's data), and torchtitan's data loaders refuse to reshard their state at all.
+        A loader with ``set_epoch`` (``ft.data`` loaders, like a ``DistributedSampler``) is put at the
+        saved epoch's order, this rank's share of it.
+        """
+        lost = f"the {self.batch} batches per rank it had taken in epoch {self.epoch} are trained on again, " if (
+            self._mid_epoch()
+        ) else ""  # fmt: skip
+        self.batch = 0
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        warnings.warn(
+            f"fit: '{path}' was saved by {saved_by} ranks and resumes on {distributed.world_size()}: the state "
+            f"(resharded), step {self.step}, epoch {self.epoch}, the history and the callbacks carry over exactly, "
+            f"but not the per-rank loader positions and random generators: epoch {self.epoch} restarts from its "
+            f"first batch ({lost}with this number of ranks' shares of the data), and the batch order and random "
+            f"draws (dropout, augmentation) differ from an uninterrupted run's. Resume on {saved_by} ranks for a "
+            f"bitwise exact continuation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------------- the training batches
 
@@ -437,8 +483,12 @@ def fit(
         checkpoint: a :class:`~functrain.callbacks.Checkpoint`, or a directory (a checkpoint at the
             end of every epoch, keeping the last 3). Checked for writability before training starts.
         resume: ``True``: continue from the latest checkpoint in the directory of ``checkpoint`` (or of
-            a ``Checkpoint`` among the callbacks) if there is one; or the path of a checkpoint file,
-            or of a directory to take the latest checkpoint from.
+            a ``Checkpoint`` among the callbacks) if there is one; or the path of a checkpoint (a file,
+            or a sharded checkpoint's directory), or of a directory to take the latest checkpoint from.
+            A run resumed on the number of ranks that saved it continues bit for bit; one resumed on
+            another number (a sharded state saved on 4 ranks, resumed on 2) continues from the saved
+            state, step and epoch, with the epoch restarted from its first batch and a warning saying
+            what is not exact (the batch order and the random draws).
         log_every: read the running means of the metrics back from the device every this many steps
             (the only host syncs of the loop), and at the end of each epoch.
         device: where the state and batches live; default :func:`default_device`.
@@ -517,11 +567,11 @@ def _resume_path(resume: bool | str | os.PathLike, checkpoint: Checkpoint | None
             raise ValueError("fit: resume=True continues from the checkpoint directory: pass checkpoint= as well")
         return latest_checkpoint(checkpoint.directory)  # None: nothing saved yet, start afresh
     path = Path(resume)
+    if _is_checkpoint(path):
+        return path
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"fit: no step-<n>.pt checkpoint in the directory '{path}' to resume from")
         return found
-    if not path.is_file():
-        raise FileNotFoundError(f"fit: no checkpoint file at '{path}' to resume from")
-    return path
+    raise FileNotFoundError(f"fit: no checkpoint file at '{path}' to resume from{_moved_aside_note(path)}")
