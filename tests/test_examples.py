@@ -195,3 +195,61 @@ def test_from_torch_optim_matches_torch(tmp_path):
     differences = [float(x) for x in re.findall(r"(?:parameters|statistics) (\d\.\de[-+]\d+)", stdout)]
     assert len(differences) == 4
     assert max(differences) < 1e-12  # float64: the same numbers as torch.optim + OneCycleLR
+
+
+# ----------------------------------------------------------------------------- sharded GPT (torchrun)
+
+# A GPT of 5,488 parameters; 4 steps of 8 sequences of 8 tokens; 16 sequences, so 2 steps an epoch;
+# a checkpoint every 2 steps, at each epoch's end.
+SHARDED_TINY = ["--steps", "4", "--save-every", "2", "--vocab", "64", "--width", "16", "--layers", "1",
+                "--heads", "2", "--context", "8", "--batch-size", "8", "--train-sequences", "16"]  # fmt: skip
+
+
+def run_sharded(out: Path, world: int, *args: str) -> str:
+    """``examples/sharded/train.py`` at the tiny size on ``world`` ranks (one process when 1)."""
+    launcher = None if world == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={world}"]
+    return run("sharded/train.py", *SHARDED_TINY, "--out", str(out), *args, cwd=out.parent, launcher=launcher)
+
+
+def sharded_result(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sharded_two_ranks(tmp_path_factory):
+    """The uninterrupted run on 2 ranks: its output folder and stdout."""
+    if TORCHRUN is None:
+        pytest.skip("no torchrun next to this Python")
+    out = tmp_path_factory.mktemp("sharded") / "two"
+    return out, run_sharded(out, 2)
+
+
+@pytest.mark.slow
+def test_sharded_gpt_on_two_ranks_equals_one_process(sharded_two_ranks, tmp_path):
+    out, stdout = sharded_two_ranks
+    assert "5,488 parameters, sharded over 2 rank(s)" in stdout
+    assert stdout.count("Held-out loss") == 1  # only rank 0 prints
+    two = sharded_result(out)
+    assert two["world"] == 2 and two["step"] == 4
+    assert ft.latest_checkpoint(out / "checkpoints").name == ft.checkpoint.step_file_name(4)
+    run_sharded(tmp_path / "one", 1)
+    one = sharded_result(tmp_path / "one")
+    assert one["world"] == 1 and one["step"] == 4
+    # float32: the same global batches; only the order of the sums over ranks differs
+    assert abs(two["held_out_loss"] - one["held_out_loss"]) <= 1e-5 * one["held_out_loss"], (one, two)
+
+
+@pytest.mark.slow
+def test_sharded_gpt_saved_on_four_ranks_resumes_on_two(sharded_two_ranks, tmp_path):
+    """Stopped at step 2 (an epoch's end) on 4 ranks, resumed on 2 from the DCP checkpoint, resharded:
+    the same run as 2 ranks uninterrupted (a resume on another number of ranks restarts the epoch
+    it was in, here the next one: the same batches)."""
+    out = tmp_path / "resumed"
+    run_sharded(out, 4, "--stop-at", "2")
+    assert sharded_result(out)["step"] == 2
+    assert len(list((out / "checkpoints" / ft.checkpoint.step_file_name(2)).glob("*.distcp"))) == 4  # a shard each
+    stdout = run_sharded(out, 2, "--resume")
+    assert f"Resuming from {out / 'checkpoints'}" in stdout
+    resumed, uninterrupted = sharded_result(out), sharded_result(sharded_two_ranks[0])
+    assert resumed["world"] == 2 and resumed["step"] == 4
+    assert abs(resumed["held_out_loss"] - uninterrupted["held_out_loss"]) <= 1e-5 * uninterrupted["held_out_loss"]
