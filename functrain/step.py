@@ -371,41 +371,39 @@ def make_train_step(
 
     functorch_grad_and_loss = torch.func.grad_and_value(loss_for_grad, has_aux=True)
 
-    def grad_and_loss(params, buffers, batch, loss_scale):
-        """``torch.func.grad_and_value`` of the loss; in plain eager mode the same gradients by
-        ``torch.autograd.grad`` on detached leaves, which skips functorch's per-op wrapping."""
-        leaves, spec = _tree.flatten(params)
-        if not _tree.fast_path_ok(leaves):  # compiling, inside vmap/grad, or differentiating through the step
-            return functorch_grad_and_loss(params, buffers, batch, loss_scale)
-        inputs = [p.detach().requires_grad_() for p in leaves]
-        with torch.enable_grad():
-            scaled, (loss, metrics) = loss_for_grad(_tree.unflatten(inputs, spec), buffers, batch, loss_scale)
-        _check_differentiable(scaled, bool(inputs))
-        grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)]
-        metrics = {k: v.detach() for k, v in metrics.items()}
-        return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
+    def autograd_grad_and_loss(params, buffers, batch, loss_scale):
+        """The same as ``functorch_grad_and_loss``, by ``torch.autograd.grad`` on detached leaves:
+        in plain eager mode it skips functorch's per-op wrapping; compiled, dynamo traces it when
+        told to (see ``_CompiledStep``), which also runs where functorch's backward fails (bf16
+        autocast with dropout in scaled_dot_product_attention); and it is the only way on DTensor.
 
-    def sharded_grad_and_loss(params, buffers, batch, loss_scale):
-        """The gradient of the mean loss over every rank of the mesh, as shards like the params'
-        (see ``functrain._sharding``), with the loss and metrics averaged over the ranks."""
+        Sharded (``mesh``), each parameter is gathered where the model runs (``functrain._sharding``),
+        the gradients come back as shards like the params', and loss and metrics are averaged over
+        the ranks."""
         leaves, spec = _tree.flatten(params)
         inputs = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
-            whole = _tree.unflatten([_sharding.gather(p) for p in inputs], spec)
-            scaled, (loss, metrics) = loss_for_grad(whole, buffers, batch, loss_scale)
+            used = inputs if mesh is None else [_sharding.gather(p) for p in inputs]
+            scaled, (loss, metrics) = loss_for_grad(_tree.unflatten(used, spec), buffers, batch, loss_scale)
             _check_differentiable(scaled, bool(inputs))
-            # Each rank's loss is the mean over its own part of the batch; the gather's backward
-            # sums gradients over ranks, so 1/N of each gives the gradient of the mean over ranks.
-            grads = torch.autograd.grad(scaled / mesh.size(), inputs, allow_unused=True)
-        grads = [_sharding.like_param(g, p) for g, p in zip(grads, inputs)]
-        loss, metrics = _sharding.mean_metrics(loss, {k: v.detach() for k, v in metrics.items()}, mesh)
+            # Sharded, each rank's loss is the mean over its own part of the batch and the gather's
+            # backward sums gradients over ranks, so 1/N of each is the gradient of the mean over ranks.
+            grads = torch.autograd.grad(scaled if mesh is None else scaled / mesh.size(), inputs, allow_unused=True)
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        if mesh is None:
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)]
+        else:
+            grads = [_sharding.like_param(g, p) for g, p in zip(grads, inputs)]
+            loss, metrics = _sharding.mean_metrics(loss, metrics, mesh)
         return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
 
-    def gradients(params, buffers, batch, loss_scale):
-        """The gradient (of the scaled loss), the mean loss and each microbatch's metrics at ``params``."""
+    def gradients(params, buffers, batch, loss_scale, traced_autograd):
+        """The gradient (of the scaled loss), the mean loss and each microbatch's metrics at ``params``.
+        ``torch.func`` differentiates wherever the step is itself transformed (vmapped, differentiated)
+        or compiled without ``traced_autograd``; ``torch.autograd.grad`` everywhere else."""
+        by_autograd = mesh is not None or traced_autograd or _tree.fast_path_ok(_tree.leaves(params))
+        differentiate = autograd_grad_and_loss if by_autograd else functorch_grad_and_loss
         grads, losses, metrics = None, [], []
-        differentiate = grad_and_loss if mesh is None else sharded_grad_and_loss
         for part in _microbatches("train step", batch, microbatches):
             part_grads, (_, (loss, part_metrics)) = differentiate(params, buffers, part, loss_scale)
             grads = part_grads if grads is None else _tree.add(grads, part_grads)
@@ -415,7 +413,9 @@ def make_train_step(
             grads = _tree.scale(grads, 1.0 / microbatches)
         return grads, _mean(losses), metrics
 
-    def step(state: TrainState, batch: Batch, inplace: bool = inplace) -> tuple[TrainState, Metrics]:
+    def step(
+        state: TrainState, batch: Batch, inplace: bool = inplace, traced_autograd: bool = False
+    ) -> tuple[TrainState, Metrics]:
         _check_state("train step", forward.expected, state)
         if mesh is not None and not torch.compiler.is_compiling():
             _sharding.check_sharded("train step", state.params, mesh)
@@ -423,14 +423,15 @@ def make_train_step(
         # functional_call lets BatchNorm write its running statistics into the buffers it is
         # given; a pure step hands it copies, an in-place step the state's own tensors.
         buffers = state.buffers if inplace else {k: b.clone() for k, b in state.buffers.items()}
-        grads, loss, metrics = gradients(state.params, buffers, batch, loss_scale)
+        grads, loss, metrics = gradients(state.params, buffers, batch, loss_scale, traced_autograd)
         if reduce_buffers is not None:
             buffers = reduce_buffers(buffers)
 
         def value_fn(params: Params) -> tuple[Tensor, Params]:
             """The loss on this batch and its gradient at other ``params`` (a line search's or SAM's
             second evaluation): unscaled, and on copies of the buffers, whose updates are dropped."""
-            other_grads, other_loss, _ = gradients(params, {k: b.clone() for k, b in buffers.items()}, batch, None)
+            other_buffers = {k: b.clone() for k, b in buffers.items()}
+            other_grads, other_loss, _ = gradients(params, other_buffers, batch, None, traced_autograd)
             return other_loss, other_grads
 
         # An eager in-place step gives its state up to the optimiser (it is overwritten with the
@@ -466,7 +467,12 @@ def make_train_step(
     def pure_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         return step(state, batch, inplace=False)
 
-    return _checked(step, pure_step, compile, first_call, forward, traces_autograd=mesh is not None)
+    def autograd_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        return step(state, batch, traced_autograd=True)
+
+    # Compiled, a plain call runs autograd_step; a step that is itself vmapped or differentiated
+    # runs `step` (torch.func), which a sharded step cannot (torch.func does not run on DTensor).
+    return _checked(step, pure_step, compile, first_call, forward, autograd_step, transformable=mesh is None)
 
 
 def _rng_untouched(params: Params):
@@ -578,10 +584,13 @@ def _checked(
     compile: bool | dict[str, Any],
     first_call: Callable,
     forward: _Forward,
-    traces_autograd: bool = False,
+    autograd_fn: Callable | None = None,
+    transformable: bool = True,
 ) -> Callable:
     """``fn``, compiled when asked, whose errors are the eager step's: same type, same message.
-    ``traces_autograd``: ``fn`` calls ``torch.autograd.grad``, which dynamo traces only when told to."""
+    ``autograd_fn``: the same step differentiating with ``torch.autograd.grad``, which compiled
+    plain calls run (see :class:`_CompiledStep`); ``transformable=False``: there is no ``fn`` to
+    run under ``torch.func`` transforms."""
     if compile is False:
         return _EagerStep(fn, forward)
     options = {} if compile is True else dict(compile)
@@ -590,8 +599,12 @@ def _checked(
     # one more graph for that size. With dynamo's automatic dynamic shapes it would retrace with a
     # symbolic batch size, and dropout under torch.func.grad cannot trace that: the step would fail.
     options.setdefault("dynamic", False)
-    compiled = torch.compile(_with_own_code(fn), **_with_gemm_pass(options))
-    return _CompiledStep(compiled, pure_eager, first_call, traces_autograd)
+    options = _with_gemm_pass(options)
+
+    def compiled(f: Callable | None) -> Callable | None:
+        return None if f is None else torch.compile(_with_own_code(f), **options)
+
+    return _CompiledStep(compiled(fn if transformable else None), compiled(autograd_fn), pure_eager, first_call)
 
 
 class _EagerStep:
@@ -618,28 +631,43 @@ class _CompiledStep:
     shows (see ``make_train_step``'s ``first_call``), and when a call fails, the same inputs go
     through the pure eager step, which raises the check's own error; when that runs clean, the
     compiler's error is re-raised as it was. Nothing is re-run on the happy path.
+
+    A train step is compiled in up to two forms, chosen per call in Python, before dynamo runs:
+    ``by_autograd`` (gradients by ``torch.autograd.grad``, which dynamo traces only under its
+    ``trace_autograd_ops`` option, set for these calls alone) for plain calls, and
+    ``transformable`` (``torch.func.grad``) for a step that is itself inside a ``torch.func``
+    transform or differentiated (an input requires grad), where ``autograd.grad`` on detached
+    leaves would cut the outer derivative. Each compiles on its first use only. The two give
+    the same inductor code where both run; ``autograd.grad`` also traces where functorch's
+    backward fails (bf16 autocast with dropout in ``scaled_dot_product_attention``).
     """
 
-    def __init__(self, compiled: Callable, pure_eager: Callable, first_call: Callable, traces_autograd: bool):
-        self._compiled, self._pure_eager, self._first_call = compiled, pure_eager, first_call
+    def __init__(
+        self, transformable: Callable | None, by_autograd: Callable | None, pure_eager: Callable, first_call: Callable
+    ):
+        self._transformable, self._by_autograd = transformable, by_autograd
+        self._pure_eager, self._first_call = pure_eager, first_call
         self._checked = False
-        # Scoped to this step's calls (never set globally): dynamo compiles on a call, and only a
-        # step that calls torch.autograd.grad inside (the sharded one) needs it traced.
-        self._config = torch._dynamo.config.patch(trace_autograd_ops=True) if traces_autograd else None
+        self._trace_autograd = torch._dynamo.config.patch(trace_autograd_ops=True)  # entered per call, never global
         functools.update_wrapper(self, pure_eager)
 
     def __getattr__(self, name: str) -> Any:  # what torch.compile's wrapper offers (e.g. dynamo's cache)
-        return getattr(self._compiled, name)
+        return getattr(self._by_autograd or self._transformable, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._checked:
+        transformed = torch._C._functorch.maybe_current_level() is not None  # inside vmap or torch.func.grad
+        differentiated = torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in _tree.leaves((args, kwargs))
+        )
+        if not self._checked and not transformed:  # (the check's eager forward cannot run inside vmap)
             self._first_call(*args, **kwargs)
             self._checked = True
+        plain = self._by_autograd is not None and not (transformed or differentiated)
         try:
-            if self._config is None:
-                return self._compiled(*args, **kwargs)
-            with self._config:
-                return self._compiled(*args, **kwargs)
+            if plain or self._transformable is None:
+                with self._trace_autograd:
+                    return self._by_autograd(*args, **kwargs)
+            return self._transformable(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise
         except Exception:

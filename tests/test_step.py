@@ -550,6 +550,53 @@ def test_compiled_step_equals_eager_and_never_recompiles(compiled_steps):
     assert_trees_equal(compiled_state.buffers, eager_state.buffers, rtol=1e-5)
 
 
+class Attention(nn.Module):
+    """One head pair of self-attention with dropout inside ``scaled_dot_product_attention``."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.qkv, self.out, self.dropout = nn.Linear(16, 48), nn.Linear(16, 4), dropout
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).flatten(2).mean(1))
+
+
+@pytest.mark.slow
+def test_compiled_bf16_step_with_attention_dropout_compiles_and_equals_eager_without_dropout():
+    """torch.func's backward of bf16 autocast + dropout in scaled_dot_product_attention fails inside
+    dynamo ("expected scalar type BFloat16 but found Float"); the compiled step differentiates with
+    torch.autograd.grad, which traces. Without dropout the compiled step equals the eager one."""
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 5, 16), torch.randint(0, 4, (8,)))
+    for dropout in (0.1, 0.0):
+        model, tx = Attention(dropout), ft.adamw(lr=1e-2)
+        state = ft.TrainState.create(model, tx)
+        step = ft.make_train_step(model, classification, tx, compile={"backend": "eager"}, precision="bf16")
+        new, metrics = step(state, batch)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            new, metrics = step(new, batch)
+        assert torch.isfinite(metrics["loss"]) and not torch.equal(new.params["qkv.weight"], state.params["qkv.weight"])
+    eager, _ = run_steps(ft.make_train_step(model, classification, tx, precision="bf16"), state, [batch, batch])
+    assert_trees_equal(new.params, eager.params, rtol=1e-5)  # dynamo decomposes some ops: float rounding
+
+
+@pytest.mark.slow
+def test_a_compiled_step_vmapped_by_the_caller_equals_the_vmapped_eager_step():
+    """Inside torch.func.vmap the compiled step differentiates with torch.func (autograd.grad on
+    detached leaves would not see the batching) and skips its first-call check, which cannot run there."""
+    model, tx = mlp(batchnorm=False), ft.sgd(lr=0.1, momentum=0.9)
+    states = ft.stack_states([ft.TrainState.create(mlp(batchnorm=False, seed=i), tx) for i in range(3)])
+    data = batches(3)
+    eager, _ = run_steps(
+        torch.func.vmap(ft.make_train_step(model, classification, tx), in_dims=(0, None)), states, data
+    )
+    compiled = ft.make_train_step(model, classification, tx, compile={"backend": "eager"})
+    got, _ = run_steps(torch.func.vmap(compiled, in_dims=(0, None)), states, data)
+    assert_trees_equal(got.params, eager.params, rtol=1e-12)
+
+
 def test_more_compiled_steps_than_dynamos_recompile_limit_in_one_process():
     """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; each built step has its
     own, so a sweep over many models (here 10 architectures) never hits the limit."""
