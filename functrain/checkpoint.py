@@ -24,6 +24,27 @@ then uses ``torch.load(weights_only=True)``: only tensors, plain containers and 
 classes are rebuilt, so a file carrying a pickled object that would run code is refused. A file that
 is not a checkpoint, or lacks a part of one, is an error naming the file and the part.
 
+Sharded checkpoints: a state holding DTensors (``TrainState.create(model, tx, mesh=mesh)``) is saved
+with ``torch.distributed.checkpoint`` (DCP) as a directory of the checkpoint's name
+(``step-00000120.pt/``): every rank writes its own shards (``__<rank>_0.distcp``, nothing is gathered),
+DCP's coordinator its ``.metadata``, and rank 0 ``functrain.pt``, a small file as above holding the
+format, the state's structure (its classes, with ``meta`` tensors of each whole shape and dtype), the
+ranks' loader positions and generators and the progress. All of it goes into one temporary directory
+named like a temporary file (rank 0 picks the name), and rank 0 renames it into place once every rank
+is done, then ``fsync``-s the parent. A directory cannot be renamed over another, so a checkpoint
+already of that name (``best.pt``) is first moved aside (``.<name>.functrain-<host>-<pid>-<random>.old``)
+and removed once the new one is in place: a crash in that instant leaves no checkpoint of that name,
+but the previous one complete under the aside name, which :func:`load_checkpoint` names and the sweep
+keeps. A failed write on any rank fails the save on every rank and removes the temporary directory;
+a killed save leaves it, to be swept. Loading reshards: each rank reads the parts of the saved shards
+its own tensors cover, whatever the number of ranks or the mesh that saved them (or a plain state in
+a process with no process group). The safety checks have DCP counterparts: ``functrain.pt`` is read as
+a file above (CRC-32, ``weights_only``); DCP's ``.metadata`` is unpickled with only DCP's metadata
+classes allowed; structure, shapes and dtypes are checked, and every shard file is checked to hold
+the bytes ``.metadata`` points at, before anything is read; and every chunk read is checked against
+the CRC-32s of the ``torch.save`` archive DCP wrote it as. Loader positions and generator states are
+restored only on as many ranks as saved them (see :func:`load_checkpoint`).
+
 :func:`save_weights` / :func:`load_weights` write and read just the params and buffers as a
 ``.safetensors`` file (with the optional ``safetensors`` package), for sharing or serving weights.
 """
@@ -83,8 +104,8 @@ def save_checkpoint(path: str | os.PathLike, state: Any, *, loader: Any = None, 
             State classes must be decorated with :func:`~functrain.register_state`. A state holding
             DTensors (``TrainState.create(model, tx, mesh=mesh)``) is saved sharded: ``path`` becomes a
             directory in which each rank writes its own shards with ``torch.distributed.checkpoint``
-            (see :ref:`sharded checkpoints <sharded>` in the module's description); every rank must
-            see the same file system.
+            (see "Sharded checkpoints" in :mod:`functrain.checkpoint`); every rank must see the same
+            file system.
         loader: the training data loader; its ``state_dict()`` is saved when it has one.
         progress: plain data (ints, floats, strings, lists, dicts, tensors) about the loop, e.g.
             the step, the epoch and the history; :class:`~functrain.Loop` fills it in.
