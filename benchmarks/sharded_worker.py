@@ -122,6 +122,9 @@ def make_functrain(impl, model, mesh):
     else:
         state = ft.TrainState.create(model, tx, mesh=mesh)
         step = ft.make_train_step(model, lm_loss, tx, mesh=mesh, compile=compile_, inplace=impl.endswith("inplace"))
+    # The step reads only the state; the module's own full parameters are dead weight from here on
+    # (FSDP2 swaps them for shards), so free them as a user training a large model would.
+    model.to("meta")
     carry = {"state": state}
 
     def run(batch) -> None:

@@ -1,5 +1,9 @@
-"""Data-parallel training over ``torch.distributed``: every rank runs the same step on its own
-shard of the batch, and the gradients are averaged across ranks before the optimiser sees them.
+"""Training over ``torch.distributed``: data parallel (below), or sharded on DTensor (FSDP / HSDP:
+``ft.TrainState.create(model, tx, mesh=mesh)`` and ``ft.make_train_step(..., mesh=mesh)``; see
+``docs/concepts/distributed.md``; :func:`full_tensors` gathers a sharded state's tensors).
+
+Data parallel: every rank runs the same step on its own shard of the batch, and the gradients are
+averaged across ranks before the optimiser sees them.
 
 .. code-block:: python
 

@@ -354,6 +354,8 @@ class Loop:
         self.batch = 0
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(self.epoch)
+        if not distributed.is_main_process():
+            return  # one warning per run, not one per rank
         warnings.warn(
             f"fit: '{path}' was saved by {saved_by} ranks and resumes on {distributed.world_size()}: the state "
             f"(resharded), step {self.step}, epoch {self.epoch}, the history and the callbacks carry over exactly, "

@@ -383,7 +383,7 @@ def make_train_step(
         leaves, spec = _tree.flatten(params)
         inputs = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
-            used = inputs if mesh is None else [_sharding.gather(p) for p in inputs]
+            used = inputs if mesh is None else _sharding.gather_all(inputs)
             scaled, (loss, metrics) = loss_for_grad(_tree.unflatten(used, spec), buffers, batch, loss_scale)
             _check_differentiable(scaled, bool(inputs))
             # Sharded, each rank's loss is the mean over its own part of the batch and the gather's
@@ -459,7 +459,7 @@ def make_train_step(
         params = {k: p.detach().requires_grad_() for k, p in state.params.items()}
         buffers = {k: b.clone() for k, b in state.buffers.items()}
         with torch.enable_grad(), _rng_untouched(params):
-            whole = params if mesh is None else {k: _sharding.gather(p) for k, p in params.items()}
+            whole = params if mesh is None else dict(zip(params, _sharding.gather_all(list(params.values()))))
             loss, _ = forward(whole, buffers, _microbatches("train step", batch, microbatches)[0])
         forward.check_structure()
         _check_differentiable(loss, bool(params))
@@ -531,7 +531,8 @@ def make_eval_step(
         if not torch.compiler.is_compiling():
             _sharding.check_sharded("eval step", state.params, mesh)
         with torch.no_grad():
-            loss, metrics = forward({k: _sharding.gather(p) for k, p in state.params.items()}, state.buffers, batch)
+            whole = dict(zip(state.params, _sharding.gather_all(list(state.params.values()))))
+            loss, metrics = forward(whole, state.buffers, batch)
             loss, metrics = _sharding.mean_metrics(loss, metrics, mesh)
         return {"loss": loss, **metrics}
 

@@ -145,7 +145,8 @@ def compiled_scenario(rank):
 
 
 def options_scenario(rank):
-    """Microbatches, BatchNorm statistics averaged over ranks, an in-place (donating) step and the eval step."""
+    """Microbatches, BatchNorm statistics averaged over ranks, an in-place (donating) step, one
+    tensor per gather bucket and the eval step."""
     world, mesh = torch.distributed.get_world_size(), mesh_1d()
     data = batches(size=8)
     out = {}
@@ -161,8 +162,19 @@ def options_scenario(rank):
     out["batchnorm_buffers_equal_on_ranks"] = got.buffers["norm.running_mean"]
     model = make_model()
     ref, _ = train(model, ft.adamw(lr=0.01), data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     got, _ = train(model, ft.adamw(lr=0.01), data, mesh, rank, world, inplace=True)
     out["inplace"] = max_relative_error(whole(got).params, ref.params)
+    # the user's model is never written: not by the broadcast of replicated params, nor in place
+    out["model_untouched"] = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # every tensor in a bucket of its own
+    cap = ft._sharding.BUCKET_BYTES
+    ft._sharding.BUCKET_BYTES = 1
+    try:
+        got, _ = train(model, ft.adamw(lr=0.01), data, mesh, rank, world)
+    finally:
+        ft._sharding.BUCKET_BYTES = cap
+    out["one_tensor_per_bucket"] = max_relative_error(whole(got).params, ref.params)
     evaluate = ft.make_eval_step(model, loss_fn, mesh=mesh)
     ref_eval = ft.make_eval_step(model, loss_fn)(ref, data[0])
     got_eval = evaluate(got, part(data[0], rank, world))
@@ -247,6 +259,7 @@ def test_microbatches_batchnorm_inplace_and_eval_sharded(tmp_path):
     ranks = run_on_ranks(options_scenario, 2, tmp_path)
     for r in ranks:
         assert r["microbatches"] < 1e-12 and r["inplace"] < 1e-12 and r["eval"] < 1e-12, r
+        assert r["one_tensor_per_bucket"] < 1e-12 and r["model_untouched"], r
     assert torch.equal(ranks[0]["batchnorm_buffers_equal_on_ranks"], ranks[1]["batchnorm_buffers_equal_on_ranks"])
 
 
