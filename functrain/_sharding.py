@@ -177,21 +177,19 @@ def _gather_bucket(params: list[Tensor]) -> list[Tensor]:
     mesh, shard_dim = first.device_mesh, first.device_mesh.ndim - 1
     n = mesh.size(shard_dim)
     # On HSDP each replica group gathers its own copy; the gradient is then still a sum pending over
-    # the replicas (Partial), which like_param all-reduces.
+    # the replicas (Partial), which like_param all-reduces, tensor by tensor.
     grad_placements = [Partial()] * shard_dim + [first.placements[shard_dim]]
     padded, sizes = [], []
     for p in params:
         rows = -(-p.shape[0] // n)  # ceil: the rows of the largest shard
         local = p.to_local(grad_placements=grad_placements)
         if p.shape[0] % n:
-            # Padded on every rank, even one whose shard is full: every rank must build the same
-            # autograd graph, so that its backward runs the buckets' reduce-scatters in the same order.
+            # Padded on every rank, even one whose shard is full: every rank builds the same graph,
+            # so the ranks' backward passes issue the same collectives in the same order.
             local = torch.cat([local, local.new_zeros((rows - local.shape[0], *local.shape[1:]))])
         padded.append(local.reshape(-1))
         sizes.append(local.numel())
     all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-    # (cat, split and reshape copy: the whole tensors are plain tensors, never views of the
-    # gathered buffer, which is an AsyncCollectiveTensor whose views the step must not hold.)
     gathered = all_gather(torch.cat(padded), 0, (mesh, shard_dim)).view(n, -1)
     wholes = []
     for p, part in zip(params, gathered.split(sizes, dim=1)):

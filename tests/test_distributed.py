@@ -3,17 +3,17 @@ combined batch."""
 
 from __future__ import annotations
 
-import os
-import socket
+import functools
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import functrain as ft
+
+from .ranks import run_on_ranks
 
 WORLD = 2
 STEPS = 6
@@ -53,27 +53,8 @@ def train(tx, compile, rank=None, batchnorm=False, reduce_buffers=None):
     return state
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, scenario, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # A collective that waits longer than this raises, so a broken scenario fails the test instead of hanging CI.
-    ft.distributed.init("gloo", rank=rank, world_size=WORLD, timeout=120)
-    try:
-        results = scenario(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def run_on_two_ranks(scenario, tmp_path):
-    mp.spawn(_worker, args=(free_port(), scenario, str(tmp_path)), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(scenario, WORLD, tmp_path)
 
 
 def relative_error(a, b):
@@ -256,16 +237,8 @@ def resumed_to_10(rank, out_dir):
     return fit_scenario(rank, out_dir, 10, True)
 
 
-def _fit_worker(rank, port, scenario, out_dir):
-    import pathlib
-
-    _worker(rank, port, lambda r: scenario(r, pathlib.Path(out_dir)), out_dir)
-
-
 def run_fit_on_two_ranks(scenario, out_dir):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_fit_worker, args=(free_port(), scenario, str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_ranks(functools.partial(scenario, out_dir=out_dir), WORLD, out_dir)
 
 
 def test_fit_on_two_ranks_logs_once_and_resumes_exactly(tmp_path):

@@ -19,7 +19,8 @@ from torch import nn
 
 import functrain as ft
 
-from .test_distributed import WORLD, free_port
+from .ranks import free_port
+from .test_distributed import WORLD
 
 TIMEOUT_S = 3.0
 DEADLINE_S = 90.0  # the outer bound on one test: process start-up (spawn imports torch) included
