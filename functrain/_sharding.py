@@ -96,9 +96,13 @@ def shard(owner: str, params: dict[str, Tensor], mesh: Any) -> dict[str, Tensor]
         # A replicated tensor is broadcast into the tensor given (rank 0's is kept as the local
         # copy): give it a copy, or the model's own parameter would be overwritten on the other
         # ranks and written by an in-place step on every rank. Shards are new tensors already.
-        whole = p.detach() if any(placement.is_shard() for placement in where) else p.detach().clone()
+        whole = p.detach() if _is_sharded(where) else p.detach().clone()
         out[name] = distribute_tensor(whole, mesh, where)
     return out
+
+
+def _is_sharded(where: Any) -> bool:
+    return any(placement.is_shard() for placement in where)
 
 
 def check_sharded(owner: str, params: dict[str, Tensor], mesh: Any) -> None:
@@ -139,12 +143,17 @@ def gather_all(params: list[Tensor]) -> list[Tensor]:
     """
     out: list[Tensor | None] = [None] * len(params)
     for i, p in enumerate(params):
-        if not any(placement.is_shard() for placement in p.placements):
+        if not _is_sharded(p.placements):
             out[i] = gather(p)  # replicated: its gradient is all-reduced on its own
     for indices in _buckets([i for i, whole in enumerate(out) if whole is None], params):
         for i, whole in zip(indices, _gather_bucket([params[i] for i in indices])):
             out[i] = whole
     return out
+
+
+def gather_params(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`gather_all` of a ``{name: DTensor}`` dict."""
+    return dict(zip(params, gather_all(list(params.values()))))
 
 
 def _buckets(indices: list[int], params: list[Tensor]) -> list[list[int]]:

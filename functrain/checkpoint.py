@@ -381,7 +381,7 @@ def _save_sharded(path: Path, state: Any, ranks: list, progress: dict) -> None:
         _dcp_call(path, lambda: dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True)))
         if distributed.is_main_process():
             index = {"format": SHARDED_FORMAT, "state": _skeleton(state), "ranks": ranks, "progress": progress}
-            _write_synced(tmp / INDEX, index)
+            atomic_save(index, tmp / INDEX)
             _fsync_directory(tmp)  # DCP's files and the index are named in it before it is renamed
     except Exception as error:  # every rank learns of it below, so none waits alone in a collective
         failure = error
@@ -454,13 +454,6 @@ def _dcp_call(path: Path, call: Callable[[], Any]) -> Any:
         if isinstance(error, (ValueError, OSError)):
             raise error from None
         raise RuntimeError(f"torch.distributed.checkpoint failed on rank {rank} with '{path}': {error!r}") from None
-
-
-def _write_synced(path: Path, obj: Any) -> None:
-    with path.open("wb") as file:
-        torch.save(obj, file)
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def _index_of(path: Path) -> Path:

@@ -459,7 +459,7 @@ def make_train_step(
         params = {k: p.detach().requires_grad_() for k, p in state.params.items()}
         buffers = {k: b.clone() for k, b in state.buffers.items()}
         with torch.enable_grad(), _rng_untouched(params):
-            whole = params if mesh is None else dict(zip(params, _sharding.gather_all(list(params.values()))))
+            whole = params if mesh is None else _sharding.gather_params(params)
             loss, _ = forward(whole, buffers, _microbatches("train step", batch, microbatches)[0])
         forward.check_structure()
         _check_differentiable(loss, bool(params))
@@ -531,7 +531,7 @@ def make_eval_step(
         if not torch.compiler.is_compiling():
             _sharding.check_sharded("eval step", state.params, mesh)
         with torch.no_grad():
-            whole = dict(zip(state.params, _sharding.gather_all(list(state.params.values()))))
+            whole = _sharding.gather_params(state.params)
             loss, metrics = forward(whole, state.buffers, batch)
             loss, metrics = _sharding.mean_metrics(loss, metrics, mesh)
         return {"loss": loss, **metrics}
@@ -657,15 +657,13 @@ class _CompiledStep:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         transformed = torch._C._functorch.maybe_current_level() is not None  # inside vmap or torch.func.grad
-        differentiated = torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in _tree.leaves((args, kwargs))
-        )
         if not self._checked and not transformed:  # (the check's eager forward cannot run inside vmap)
             self._first_call(*args, **kwargs)
             self._checked = True
-        plain = self._by_autograd is not None and not (transformed or differentiated)
         try:
-            if plain or self._transformable is None:
+            if self._transformable is None or (
+                self._by_autograd is not None and not transformed and not _differentiated(args, kwargs)
+            ):
                 with self._trace_autograd:
                     return self._by_autograd(*args, **kwargs)
             return self._transformable(*args, **kwargs)
@@ -674,6 +672,13 @@ class _CompiledStep:
         except Exception:
             self._pure_eager(*args, **kwargs)  # raises the eager step's own error, chained to the compiler's
             raise
+
+
+def _differentiated(args: Any, kwargs: Any) -> bool:
+    """Whether the caller differentiates through this call: an input requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in _tree.leaves((args, kwargs))
+    )
 
 
 def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
