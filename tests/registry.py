@@ -38,6 +38,7 @@ class Spec:
     bad: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # (kwargs, argument named in the error)
     float32_rtol: float = 1e-5  # rounding-level difference from the reference in float32
     eval_params: Callable[..., Any] | None = None  # schedule-free: the reference's eval-mode point
+    wraps: Callable[..., Any] | None = None  # a wrapper's spec (make = lambda **kw: ft.cautious(ft.adamw(**kw))): ft.<name>
 
     def cases(self) -> list[dict[str, Any]]:
         return [{**self.base, **option} for option in self.options]
@@ -296,6 +297,21 @@ SPECS: list[Spec] = [
     ),
 ]
 
+def _frontier_specs() -> list[Spec]:
+    """The specs that each ``tests/specs_*.py`` module lists in its ``SPECS`` (the optimisers added after
+    the torch.optim mirrors, one module per family), in file-name order."""
+    import importlib
+    import pathlib
+
+    found = []
+    for path in sorted(pathlib.Path(__file__).parent.glob("specs_*.py")):
+        found += importlib.import_module(f"{__package__}.{path.stem}").SPECS
+    return found
+
+
+FRONTIER = _frontier_specs()
+SPECS += FRONTIER
+
 TORCH_OPTIM_MIRRORS = [
     "sgd",
     "adam",
@@ -311,7 +327,8 @@ TORCH_OPTIM_MIRRORS = [
     "adafactor",
     "muon",
 ]
-BEYOND_TORCH = ["lion", "lamb", "lars", "schedule_free_adamw"]
+BEYOND_TORCH = ["lion", "lamb", "lars", "schedule_free_adamw"] + [spec.name for spec in FRONTIER]
 # torch.optim steps complex parameters (as their real views) for all its optimisers but Adafactor and Muon.
 COMPLEX_SUPPORTED = [name for name in TORCH_OPTIM_MIRRORS if name not in ("adafactor", "muon")]
+
 BY_NAME = {spec.name: spec for spec in SPECS}
