@@ -122,6 +122,9 @@ def _check_flat_shapes(a, b, flat_a, spec_a, flat_b, spec_b, name_a: str, name_b
                 f"{name_a} and {name_b} differ in shape at {_keyed_leaves(a)[i] or '<root>'}: "
                 f"{tuple(x.shape)} vs {tuple(y.shape)}"
             )
+        if isinstance(x, Tensor) and (x.layout is not torch.strided or y.layout is not torch.strided):
+            name, tensor = (name_a, x) if x.layout is not torch.strided else (name_b, y)
+            _refuse_sparse(name, _keyed_leaves(a)[i], tensor)
 
 
 def check_updates(updates: Tree, params: Tree | None) -> tuple:
@@ -146,6 +149,20 @@ def _check_tensors(updates: Tree, flat: list) -> None:
     if not all(isinstance(leaf, Tensor) for leaf in flat):
         key, leaf = next((k, x) for k, x in zip(_keyed_leaves(updates), flat) if not isinstance(x, Tensor))
         raise TreeMismatchError(f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor")
+    if not all(leaf.layout is torch.strided for leaf in flat):
+        key, leaf = next((k, x) for k, x in zip(_keyed_leaves(updates), flat) if x.layout is not torch.strided)
+        _refuse_sparse("updates (gradients)", key, leaf)
+
+
+def _refuse_sparse(name: str, key: str, tensor: Tensor) -> None:
+    """Every transform does dense arithmetic: a sparse tensor would fail inside a kernel (lerp, the fused
+    AdamW) or, through ops that happen to accept it, give a silently different step (a sparse update)."""
+    raise ValueError(
+        f"{name} at {key or '<root>'} is a sparse tensor ({tensor.layout}): functrain's optimisers take dense "
+        "gradients only. Build the embedding with nn.Embedding(sparse=False) (the default), whose dense gradient "
+        "every functrain optimiser takes, or pass grad.to_dense(); torch.optim.SparseAdam's lazy per-row update "
+        "(moments of the rows seen in this batch only) has no functional form here"
+    )
 
 
 def check_shapes_against(a: Tree, name_a: str, others: Sequence[tuple[Tree, str]]) -> None:
