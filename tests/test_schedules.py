@@ -235,6 +235,19 @@ CASES = {
         lambda o: L.SequentialLR(o, [L.LinearLR(o, 0.05 / BASE, 1.0, 1), L.CosineAnnealingLR(o, 49)], [1]),
         steps=51,
     ),
+    # warmup_stable_decay is pytorch-optimizer's get_wsd_schedule (a LambdaLR); tests/test_wsd.py has the rest
+    **{
+        f"warmup_stable_decay-{ours}": Case(
+            lambda ours=ours: S.warmup_stable_decay(
+                BASE, 10, 40, 30, end_value=0.1 * BASE * (ours == "cosine"), decay_type=ours
+            ),
+            lambda o, theirs=theirs: __import__("pytorch_optimizer").get_wsd_schedule(
+                o, 10, 40, 30, min_lr_ratio=0.1 * (theirs == "cosine"), cooldown_type=theirs
+            ),
+            steps=90,
+        )
+        for ours, theirs in [("linear", "linear"), ("cosine", "cosine"), ("sqrt", "1-sqrt")]
+    },
 }
 PARAMS = [pytest.param(case, id=name) for name, case in CASES.items()]
 

@@ -54,6 +54,7 @@ from ._decay import (
     step_lr as step_lr,
 )
 from ._sequential import sequential_lr as sequential_lr
+from ._wsd import warmup_stable_decay as warmup_stable_decay
 
 __all__ = [
     "constant_lr",
@@ -68,4 +69,5 @@ __all__ = [
     "sequential_lr",
     "step_lr",
     "warmup_cosine",
+    "warmup_stable_decay",
 ]
