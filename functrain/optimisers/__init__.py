@@ -4,8 +4,10 @@ from ._adafactor import adafactor as adafactor
 from ._adam import adam as adam, adamw as adamw
 from ._adam_variants import adamax as adamax, nadam as nadam, radam as radam
 from ._asgd import AsgdStepSizeState as AsgdStepSizeState, asgd as asgd
+from ._dadapt import dadapt_adam as dadapt_adam
 from ._lion import lion as lion
 from ._muon import muon as muon
+from ._prodigy import prodigy as prodigy
 from ._rms import adadelta as adadelta, adagrad as adagrad, rmsprop as rmsprop
 from ._rprop import rprop as rprop
 from ._schedule_free import (
@@ -24,11 +26,13 @@ __all__ = [
     "adamax",
     "adamw",
     "asgd",
+    "dadapt_adam",
     "lamb",
     "lars",
     "lion",
     "muon",
     "nadam",
+    "prodigy",
     "radam",
     "rmsprop",
     "rprop",

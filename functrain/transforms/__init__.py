@@ -30,6 +30,12 @@ from ._factored import (
     scale_by_factored_rms as scale_by_factored_rms,
 )
 from ._lion import ScaleByLionState as ScaleByLionState, scale_by_lion as scale_by_lion
+from ._lr_free import (
+    ScaleByDAdaptAdamState as ScaleByDAdaptAdamState,
+    ScaleByProdigyState as ScaleByProdigyState,
+    scale_by_dadapt_adam as scale_by_dadapt_adam,
+    scale_by_prodigy as scale_by_prodigy,
+)
 from ._muon import (
     ADJUST_LR_FNS as ADJUST_LR_FNS,
     NS_COEFFICIENTS as NS_COEFFICIENTS,
@@ -66,10 +72,12 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectedRmsState",
+    "ScaleByDAdaptAdamState",
     "ScaleByFactoredRmsState",
     "ScaleByLionState",
     "ScaleByMuonState",
     "ScaleByNadamState",
+    "ScaleByProdigyState",
     "ScaleByRadamState",
     "ScaleByRmsState",
     "ScaleByRpropState",
@@ -92,11 +100,13 @@ __all__ = [
     "scale_by_adamax",
     "scale_by_amsgrad",
     "scale_by_bias_corrected_rms",
+    "scale_by_dadapt_adam",
     "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_lion",
     "scale_by_muon",
     "scale_by_nadam",
+    "scale_by_prodigy",
     "scale_by_radam",
     "scale_by_rms",
     "scale_by_rprop",
