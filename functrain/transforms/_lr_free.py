@@ -192,7 +192,7 @@ def scale_by_prodigy(
         first = d * (1 - b1)
         second = d * d * (1 - b2)
         growth = (d / d0) * (d if safeguard_warmup else dlr)
-        d, dlr, first, second, growth = hoist(d, dlr, first, second, growth)
+        dlr, first, second, growth = hoist(dlr, first, second, growth)  # not d: a state input
 
         def moments(g, p, m, v, s, p0):
             sliced_g = _slice(g, slice_p)
