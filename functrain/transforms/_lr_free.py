@@ -84,6 +84,14 @@ def _positive(lr: float | Tensor) -> bool | Tensor:
     return lr > 0 if isinstance(lr, Tensor) else bool(lr > 0)
 
 
+def _live(denominator: Tensor, moving: bool | Tensor) -> Tensor:
+    """Whether the step is taken: the packages return early, before moving anything but the moments,
+    when the estimate's denominator is 0 (no gradient signal yet). With lr 0 they skip the moments
+    too and add nothing to the denominator, so that step is skipped whatever the old sums were."""
+    live = denominator != 0
+    return live if moving is True else live & moving
+
+
 def _select(condition: bool | Tensor, a: Any, b: Any) -> Any:
     """``a`` where ``condition`` holds, else ``b``: a Python choice for a bool, ``torch.where`` leaf by
     leaf for a tensor (no host read)."""
@@ -224,13 +232,10 @@ def scale_by_prodigy(
             decayed = p - p * _scalar(weight_decay * dlr, p)
             return (decayed - (direction / denom) * _scalar(dlr, p)) - p
 
-        # A step with no gradient signal (sum |s| = 0, the lr 0 among them) is skipped; the moments
-        # still move unless the lr is 0, as in the package, which updates them before it knows.
-        live = d_denom != 0
-        out = _tree.where_or_zero(live, _tree.map(step, updates, params, m, v))
         moving = _positive(learning_rate)
-        old = (state.exp_avg, state.exp_avg_sq, state.s)
-        m, v, s = _select(moving, (m, v, s), old)
+        live = _live(d_denom, moving)
+        out = _tree.where_or_zero(live, _tree.map(step, updates, params, m, v))
+        m, v, s = _select(moving, (m, v, s), (state.exp_avg, state.exp_avg_sq, state.s))
         new_state = ScaleByProdigyState(
             k=torch.where(live, state.k + 1, state.k),
             d=torch.where(live, d_new, state.d),
@@ -353,11 +358,10 @@ def scale_by_dadapt_adam(
                 u = u - p * _scalar(weight_decay * dlr, p)
             return u
 
-        # A step with no gradient signal (sum |s| = 0, the lr 0 among them) is skipped; the moments
-        # still move unless the lr is 0, as in the package, which updates them before it knows.
-        live = sk_l1 != 0
+        moving = _positive(learning_rate)
+        live = _live(sk_l1, moving)
         out = _tree.where_or_zero(live, _tree.map(step, params, m, v))
-        m, v, s = _select(_positive(learning_rate), (m, v, s), (state.exp_avg, state.exp_avg_sq, state.s))
+        m, v, s = _select(moving, (m, v, s), (state.exp_avg, state.exp_avg_sq, state.s))
         new_state = ScaleByDAdaptAdamState(
             k=torch.where(live, state.k + 1, state.k),
             d=torch.where(live, d_new, state.d),
