@@ -251,3 +251,174 @@ def on_whole(fn: Any, t: Tensor) -> Tensor:
 def full_tensors(tree: Any) -> Any:
     """``tree`` with every DTensor gathered into a plain tensor (collective: call on every rank)."""
     return _tree.map(lambda t: t.full_tensor() if is_dtensor(t) else t, tree)
+
+
+# ----------------------------------------------------------------------------- gathering block by block
+
+
+def gather_units(model: torch.nn.Module) -> list[str]:
+    """The paths of ``model``'s gather units: each module with parameters that is an element of an
+    ``nn.ModuleList`` or ``nn.Sequential`` (a transformer block, a ResNet block), outermost first:
+    the modules FSDP2's recipe calls ``fully_shard`` on. Every other parameter (embeddings, the
+    head, a final norm) belongs to the root, which is gathered before the forward pass."""
+    units: list[str] = []
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        container = isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential))
+        for name, child in module.named_children():
+            if container and next(child.parameters(), None) is not None:
+                units.append(prefix + name)
+            else:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", model)
+    return units
+
+
+def run_gathered(run: Any, model: torch.nn.Module, params: dict[str, Tensor]) -> Any:
+    """``run(whole_params)``, the forward pass of ``model`` (a step's stateless copy) on the whole
+    of the DTensors ``params``: eager, each block gathered as it runs (:class:`BlockGather`);
+    compiled, every parameter gathered up front, so the step stays one graph (module and
+    saved-tensor hooks are eager's)."""
+    if torch.compiler.is_compiling():
+        return run(gather_params(params))
+    units = gather_units(model)
+    try:
+        with BlockGather(model, units, params) as blocks:
+            out = run(blocks.root())
+    except RuntimeError as error:
+        if "mixed torch.Tensor and DTensor" not in str(error):
+            raise
+        raise _used_outside(units) from error
+    if has_dtensors(out):
+        raise _used_outside(units)
+    return out
+
+
+def _used_outside(units: list[str]) -> ValueError:
+    """The error for a block's parameter used outside the block's ``forward``, where it is a shard."""
+    return ValueError(
+        f"a parameter of a block ({', '.join(units)}) was used outside that block's forward (a weight tied to "
+        "another module, or loss_fn reading model.<block>.<param>): a sharded step gathers each block's parameters "
+        "only while the block runs, as FSDP2 does. Use the parameter inside its block, or keep it outside the "
+        "nn.ModuleList / nn.Sequential"
+    )
+
+
+class BlockGather:
+    """Gathers each unit's parameters when the unit runs and frees them after it, in the forward
+    pass and again in the backward pass: FSDP2's memory (one block whole at a time, besides the
+    root), with the step's own collectives.
+
+    Eager steps only. Module forward pre-hooks on the step's own stateless copy swap the unit's
+    whole tensors in (``gather_all``: differentiable, its backward reduce-scatters), and the
+    post-hooks swap the shards back, so nothing but autograd holds the whole tensors afterwards.
+    Autograd would keep them all until the backward pass (a linear layer saves its weight), so a
+    saved-tensor hook stores a recipe instead (unit, which whole tensor, its view) and the backward
+    pass gathers the unit again when it first needs it, and drops it when its last saved view has
+    been used. A saved view whose tensor is still alive (a second derivative taken inside the
+    unit) is given back as it is; one unpacked while grad mode is on (``create_graph=True``) is
+    gathered differentiably, so second derivatives reach the shards too.
+
+    Every rank must run the same units in the same order (as with FSDP2): a unit's gather is a
+    collective. A parameter of a unit used outside that unit's ``forward`` is still a shard there,
+    and the error says so.
+    """
+
+    def __init__(self, model: torch.nn.Module, units: list[str], params: dict[str, Tensor]):
+        self.model = model
+        self.params = params
+        self.members = {u: [k for k in params if k.startswith(u + ".")] for u in units}
+        self.live: dict[int, tuple[str, int, Any]] = {}  # storage address -> (unit, index, weakref)
+        self.regathered: dict[str, list[Tensor]] = {}  # in the backward pass
+        self.pending: dict[str, int] = {}  # saved views not yet unpacked, per unit
+        self.handles: list[Any] = []
+
+    def root(self) -> dict[str, Tensor]:
+        """The params for ``functional_call``: the root's gathered now, the units' still shards."""
+        inside = {k for names in self.members.values() for k in names}
+        rest = [k for k in self.params if k not in inside]
+        out = dict(self.params)
+        out.update(zip(rest, gather_all([self.params[k] for k in rest])))
+        return out
+
+    def __enter__(self) -> BlockGather:
+        for unit, names in self.members.items():
+            if names:
+                module = self.model.get_submodule(unit)
+                self.handles.append(module.register_forward_pre_hook(self._before(unit, names)))
+                self.handles.append(module.register_forward_hook(self._after(unit, names)))
+        self.saved = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self.saved.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.saved.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+        # No cycles through the hooks: the backward's saved views are then all that keeps this
+        # object (and the units it gathers again) alive, and it goes with them.
+        del self.saved, self.handles
+        self.live.clear()
+
+    def _swap(self, unit: str, names: list[str], tensors: list[Tensor]) -> None:
+        module = self.model.get_submodule(unit)
+        for name, t in zip(names, tensors):
+            owner, _, attr = name[len(unit) + 1 :].rpartition(".")
+            module.get_submodule(owner)._parameters[attr] = t
+
+    def _before(self, unit: str, names: list[str]):
+        import weakref
+
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            wholes = gather_all([self.params[k] for k in names])
+            for i, whole in enumerate(wholes):
+                self.live.setdefault(_address(whole), (unit, i, weakref.ref(whole)))
+            self._swap(unit, names, wholes)
+
+        return hook
+
+    def _after(self, unit: str, names: list[str]):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self._swap(unit, names, [self.params[k] for k in names])
+            # The addresses may be reused once these tensors are freed: forget them.
+            self.live = {a: v for a, v in self.live.items() if v[0] != unit}
+
+        return hook
+
+    def _pack(self, t: Tensor) -> Any:
+        found = self.live.get(_address(t)) if self.live else None
+        if found is None or found[2]() is None or found[2]().dtype != t.dtype:
+            return t
+        unit, i, ref = found
+        self.pending[unit] = self.pending.get(unit, 0) + 1
+        return (unit, i, ref, tuple(t.shape), t.stride(), t.storage_offset())
+
+    def _unpack(self, packed: Any) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        unit, i, ref, shape, stride, offset = packed
+        whole = ref()
+        if whole is None:
+            if torch.is_grad_enabled():  # create_graph: the view must depend on the shards
+                whole = gather_all([self.params[k] for k in self.members[unit]])[i]
+            else:
+                if unit not in self.regathered:
+                    with torch.no_grad():
+                        self.regathered[unit] = gather_all([self.params[k] for k in self.members[unit]])
+                whole = self.regathered[unit][i]
+        self.pending[unit] -= 1
+        if self.pending[unit] == 0:
+            self.regathered.pop(unit, None)
+        return whole.as_strided(shape, stride, offset)
+
+
+def _address(t: Tensor) -> int | None:
+    """Where ``t``'s storage starts; None for a tensor without one of its own (a DTensor, a
+    tensor whose storage was freed, a meta tensor)."""
+    if is_dtensor(t) or t.device.type == "meta" or t.layout != torch.strided:
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # "invalid python storage": saved tensors of some ops are storage-less
+        return None

@@ -208,6 +208,11 @@ class _Forward:
         self.expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
         self.autocast_dtype = _PRECISIONS[precision]
 
+    @property
+    def model(self) -> nn.Module:
+        """The stateless copy of the model that ``functional_call`` fills with the state's tensors."""
+        return self.module.model
+
     def check_structure(self) -> None:
         """Refuses a model that grew parameters or buffers while it ran: a submodule created in
         ``forward`` (or ``loss_fn``) is not in the state, so it would never be trained or saved,
@@ -377,14 +382,16 @@ def make_train_step(
         told to (see ``_CompiledStep``), which also runs where functorch's backward fails (bf16
         autocast with dropout in scaled_dot_product_attention); and it is the only way on DTensor.
 
-        Sharded (``mesh``), each parameter is gathered where the model runs (``functrain._sharding``),
-        the gradients come back as shards like the params', and loss and metrics are averaged over
-        the ranks."""
+        Sharded (``mesh``), each parameter is gathered where the model runs (``functrain._sharding``:
+        eager, block by block as each block runs; compiled, all before the forward pass), the
+        gradients come back as shards like the params', and loss and metrics are averaged over the
+        ranks."""
         leaves, spec = _tree.flatten(params)
         inputs = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
-            used = inputs if mesh is None else _sharding.gather_all(inputs)
-            scaled, (loss, metrics) = loss_for_grad(_tree.unflatten(used, spec), buffers, batch, loss_scale)
+            run = functools.partial(loss_for_grad, buffers=buffers, batch=batch, loss_scale=loss_scale)
+            used = _tree.unflatten(inputs, spec)
+            scaled, (loss, metrics) = run(used) if mesh is None else _sharding.run_gathered(run, forward.model, used)
             _check_differentiable(scaled, bool(inputs))
             # Sharded, each rank's loss is the mean over its own part of the batch and the gather's
             # backward sums gradients over ranks, so 1/N of each is the gradient of the mean over ranks.
@@ -531,8 +538,8 @@ def make_eval_step(
         if not torch.compiler.is_compiling():
             _sharding.check_sharded("eval step", state.params, mesh)
         with torch.no_grad():
-            whole = _sharding.gather_params(state.params)
-            loss, metrics = forward(whole, state.buffers, batch)
+            run = functools.partial(forward, buffers=state.buffers, batch=batch)
+            loss, metrics = _sharding.run_gathered(run, forward.model, state.params)
             loss, metrics = _sharding.mean_metrics(loss, metrics, mesh)
         return {"loss": loss, **metrics}
 

@@ -3,6 +3,8 @@ process on the combined batch, for every optimiser in the registry."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,45 @@ def loss_fn(model, batch):
 
 def part(batch, rank, world):
     return tuple(t.chunk(world)[rank] for t in batch)
+
+
+BLOCK_LOG = []  # a module global: a step's copy of the model writes here too
+
+
+class Block(nn.Module):
+    """A residual block; it records, while it runs, which blocks hold whole tensors (and a weak
+    reference to its own whole weight, to see that nothing keeps it once the block is done)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width))
+
+    def forward(self, x):
+        BLOCK_LOG.append(
+            (
+                [not ft._sharding.is_dtensor(block.lin.weight) for block in self.log_blocks],
+                weakref.ref(self.lin.weight),
+            )
+        )
+        return x + self.mlp(torch.tanh(self.lin(x)))
+
+
+class BlockNet(nn.Module):
+    """A root (input layer, head) around a ModuleList of blocks: FSDP2's units are the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(Block(8) for _ in range(3))
+        self.head = nn.Linear(8, 1)
+        for block in self.blocks:
+            block.__dict__["log_blocks"] = list(self.blocks)  # not submodules: the step's copy has its own
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(torch.tanh(self.inp(x)) if block is self.blocks[0] else x)
+        return self.head(x)
 
 
 def train(model, tx, data, mesh=None, rank=0, world=1, **step_kwargs):
@@ -182,6 +223,61 @@ def options_scenario(rank):
     return {k: torch.as_tensor(v) for k, v in out.items()}
 
 
+def blocks_scenario(rank):
+    """Eager, each block is gathered as it runs and freed after it; autograd keeps no whole weight
+    (the backward gathers a block again), second derivatives included; == one process."""
+    world, mesh = torch.distributed.get_world_size(), mesh_1d()
+    data = batches()
+    torch.manual_seed(0)
+    model = BlockNet().double()
+    out = {}
+    ref, _ = train(model, ft.adamw(lr=0.01), data, microbatches=2)
+    log = BLOCK_LOG
+    log.clear()
+    got, _ = train(model, ft.adamw(lr=0.01), data, mesh, rank, world, microbatches=2)
+    out["equal"] = max_relative_error(whole(got).params, ref.params)
+    # each entry: while block i ran, which blocks were whole (only block i)
+    out["whole_while_running"] = torch.tensor([whole for whole, _ in log])
+    out["freed_after_the_step"] = all(ref() is None for _, ref in log)
+
+    def freed_by_end_of_forward(model, batch):
+        x, y = batch
+        log.clear()
+        pred = model(x)
+        # the forward is done: no whole block weight is alive, though autograd will need them
+        out.setdefault("freed_at_forward_end", []).append(all(ref() is None for _, ref in log))
+        return F.mse_loss(pred, y)
+
+    step = ft.make_train_step(model, freed_by_end_of_forward, ft.adamw(lr=0.01), mesh=mesh)
+    step(ft.TrainState.create(model, ft.adamw(lr=0.01), mesh=mesh), part(data[0], rank, world))
+    out["freed_at_forward_end"] = all(out["freed_at_forward_end"])
+
+    def gradient_penalty(model, batch):
+        x, y = batch
+        x = x.clone().requires_grad_()
+        pred = model(x)
+        (dx,) = torch.autograd.grad(pred.sum(), x, create_graph=True)
+        return F.mse_loss(pred, y) + 0.1 * dx.pow(2).mean()
+
+    state = ft.TrainState.create(model, ft.sgd(lr=0.1))
+    ref, _ = ft.make_train_step(model, gradient_penalty, ft.sgd(lr=0.1))(state, data[0])
+    state = ft.TrainState.create(model, ft.sgd(lr=0.1), mesh=mesh)
+    got, _ = ft.make_train_step(model, gradient_penalty, ft.sgd(lr=0.1), mesh=mesh)(state, part(data[0], rank, world))
+    out["second_derivatives"] = max_relative_error(whole(got).params, ref.params)
+    results = {k: torch.as_tensor(v) for k, v in out.items()}
+
+    def reads_a_block_weight(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x), y) + 0.01 * model.blocks[1].lin.weight.pow(2).sum()
+
+    try:
+        ft.make_train_step(model, reads_a_block_weight, ft.sgd(lr=0.1), mesh=mesh)(state, part(data[0], rank, world))
+        results["outside"] = "no error"
+    except ValueError as error:
+        results["outside"] = str(error)
+    return results
+
+
 def hsdp_scenario(rank):
     """A 2x2 mesh: replicated over ("replicate"), sharded over ("shard"); == one process."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -261,6 +357,16 @@ def test_microbatches_batchnorm_inplace_and_eval_sharded(tmp_path):
         assert r["microbatches"] < 1e-12 and r["inplace"] < 1e-12 and r["eval"] < 1e-12, r
         assert r["one_tensor_per_bucket"] < 1e-12 and r["model_untouched"], r
     assert torch.equal(ranks[0]["batchnorm_buffers_equal_on_ranks"], ranks[1]["batchnorm_buffers_equal_on_ranks"])
+
+
+def test_each_block_is_whole_only_while_it_runs(tmp_path):
+    for r in run_on_ranks(blocks_scenario, 2, tmp_path):
+        assert r["equal"] < 1e-12 and r["second_derivatives"] < 1e-12, r
+        whole = r["whole_while_running"]
+        assert whole.shape == (3 * 3 * 2, 3)  # steps x blocks x microbatches, three blocks each
+        assert torch.equal(whole, torch.eye(3, dtype=torch.bool).repeat(6, 1)), whole
+        assert r["freed_at_forward_end"] and r["freed_after_the_step"], r
+        assert "used outside that block's forward" in r["outside"] and "blocks.1" in r["outside"], r["outside"]
 
 
 def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
