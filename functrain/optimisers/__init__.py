@@ -5,6 +5,7 @@ from ._adam import adam as adam, adamw as adamw
 from ._adam_variants import adamax as adamax, nadam as nadam, radam as radam
 from ._asgd import AsgdStepSizeState as AsgdStepSizeState, asgd as asgd
 from ._dadapt import dadapt_adam as dadapt_adam
+from ._lbfgs import LbfgsMemory as LbfgsMemory, lbfgs as lbfgs
 from ._lion import lion as lion
 from ._muon import muon as muon
 from ._prodigy import prodigy as prodigy
@@ -19,6 +20,7 @@ from ._trust_ratio import lamb as lamb, lars as lars
 
 __all__ = [
     "AsgdStepSizeState",
+    "LbfgsMemory",
     "adadelta",
     "adafactor",
     "adagrad",
@@ -29,6 +31,7 @@ __all__ = [
     "dadapt_adam",
     "lamb",
     "lars",
+    "lbfgs",
     "lion",
     "muon",
     "nadam",
