@@ -3,10 +3,13 @@
 from ._adafactor import adafactor as adafactor
 from ._adam import adam as adam, adamw as adamw
 from ._adam_variants import adamax as adamax, nadam as nadam, radam as radam
+from ._ademamix import ademamix as ademamix
+from ._adopt import adopt as adopt
 from ._asgd import AsgdStepSizeState as AsgdStepSizeState, asgd as asgd
 from ._dadapt import dadapt_adam as dadapt_adam
 from ._lbfgs import LbfgsMemory as LbfgsMemory, lbfgs as lbfgs
 from ._lion import lion as lion
+from ._mars import mars as mars
 from ._muon import muon as muon
 from ._prodigy import prodigy as prodigy
 from ._rms import adadelta as adadelta, adagrad as adagrad, rmsprop as rmsprop
@@ -27,12 +30,15 @@ __all__ = [
     "adam",
     "adamax",
     "adamw",
+    "ademamix",
+    "adopt",
     "asgd",
     "dadapt_adam",
     "lamb",
     "lars",
     "lbfgs",
     "lion",
+    "mars",
     "muon",
     "nadam",
     "prodigy",

@@ -13,6 +13,13 @@ from ._adam_variants import (
     scale_by_nadam as scale_by_nadam,
     scale_by_radam as scale_by_radam,
 )
+from ._ademamix import (
+    ScaleByAdemamixState as ScaleByAdemamixState,
+    ademamix_alpha as ademamix_alpha,
+    ademamix_beta3 as ademamix_beta3,
+    scale_by_ademamix as scale_by_ademamix,
+)
+from ._adopt import ScaleByAdoptState as ScaleByAdoptState, scale_by_adopt as scale_by_adopt
 from ._averaging import PolyakAveragingState as PolyakAveragingState, polyak_averaging as polyak_averaging
 from ._basic import (
     ScaleByScheduleState as ScaleByScheduleState,
@@ -36,6 +43,7 @@ from ._lr_free import (
     scale_by_dadapt_adam as scale_by_dadapt_adam,
     scale_by_prodigy as scale_by_prodigy,
 )
+from ._mars import ScaleByMarsState as ScaleByMarsState, scale_by_mars as scale_by_mars
 from ._muon import (
     ADJUST_LR_FNS as ADJUST_LR_FNS,
     NS_COEFFICIENTS as NS_COEFFICIENTS,
@@ -70,11 +78,14 @@ __all__ = [
     "ReduceOnPlateauState",
     "ScaleByAdadeltaState",
     "ScaleByAdamState",
+    "ScaleByAdemamixState",
+    "ScaleByAdoptState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectedRmsState",
     "ScaleByDAdaptAdamState",
     "ScaleByFactoredRmsState",
     "ScaleByLionState",
+    "ScaleByMarsState",
     "ScaleByMuonState",
     "ScaleByNadamState",
     "ScaleByProdigyState",
@@ -87,6 +98,8 @@ __all__ = [
     "ScaleByStddevState",
     "TraceState",
     "add_decayed_weights",
+    "ademamix_alpha",
+    "ademamix_beta3",
     "clip",
     "clip_by_global_norm",
     "descend_with_decoupled_decay",
@@ -98,12 +111,15 @@ __all__ = [
     "scale_by_adadelta",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_ademamix",
+    "scale_by_adopt",
     "scale_by_amsgrad",
     "scale_by_bias_corrected_rms",
     "scale_by_dadapt_adam",
     "scale_by_factored_rms",
     "scale_by_learning_rate",
     "scale_by_lion",
+    "scale_by_mars",
     "scale_by_muon",
     "scale_by_nadam",
     "scale_by_prodigy",

@@ -2,7 +2,8 @@
 
 ``inject_hyperparams`` / ``schedulable`` / ``set_hyperparams`` (hyperparameters as state tensors), ``accumulate``
 (gradient accumulation), ``apply_if_finite`` (skip non-finite steps), ``ema_params`` (an EMA of the
-params) and ``lookahead`` (slow and fast weights). Every choice between steps is a ``torch.where``,
+params), ``lookahead`` (slow and fast weights) and ``cautious`` (only the update components that
+descend). Every choice between steps is a ``torch.where``,
 so each compiles into one graph.
 """
 
@@ -11,6 +12,7 @@ from ._accumulate import (
     accumulate as accumulate,
     accumulate_has_updated as accumulate_has_updated,
 )
+from ._cautious import cautious as cautious
 from ._ema import EmaParamsState as EmaParamsState, ema_params as ema_params, ema_params_of as ema_params_of
 from ._finite import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
 from ._inject import (
@@ -35,6 +37,7 @@ __all__ = [
     "accumulate",
     "accumulate_has_updated",
     "apply_if_finite",
+    "cautious",
     "ema_params",
     "ema_params_of",
     "hyperparams",
