@@ -271,3 +271,34 @@ def test_resumed_mid_run_from_a_checkpoint_equals_the_uninterrupted_run_and_the_
         opt.step()
     assert relative_error(resumed.params, {k: v.detach() for k, v in theirs.items()}) <= 1e-12
     assert close(float(core_state(resumed.opt_state).d), opt.param_groups[0]["d"])
+
+
+# ----------------------------------------------------------------------------- sharded
+
+
+def collectives_scenario(rank):
+    """Collectives in one sharded update (params over 2 ranks, one split unevenly, some replicated)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from .test_sharding import make_model
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    out = {}
+    for name, (make, _) in MAKERS.items():
+        tx = make(weight_decay=0.1)
+        state = ft.TrainState.create(make_model(), tx, mesh=mesh)
+        grads = {k: torch.ones_like(p) for k, p in state.params.items()}
+        with CommDebugMode() as comms:
+            tx.update(grads, state.opt_state, state.params)
+        out[name] = torch.tensor(comms.get_total_counts())
+    return out
+
+
+def test_sharded_estimate_takes_one_all_reduce_per_step(tmp_path):
+    """The whole tree's sums (both of them, every sharded tensor) go in one collective, not one per
+    tensor; that the sharded step equals one process's is test_sharding's registry test."""
+    from .ranks import run_on_ranks
+
+    for rank in run_on_ranks(collectives_scenario, 2, tmp_path):
+        assert {name: int(count) for name, count in rank.items()} == {name: 1 for name in MAKERS}

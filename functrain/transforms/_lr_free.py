@@ -42,23 +42,34 @@ def _scalar(value: Tensor, like: Tensor) -> Tensor:
     return value.to(device=like.device, dtype=like.dtype)
 
 
-def _whole_sum(t: Tensor) -> Tensor:
-    """The sum of every element of ``t``, in float64, as a plain 0-d tensor on every rank.
+def _totals(like: Tensor, *per_leaf: Params) -> list[Tensor]:
+    """The float64 total of each tree of per-leaf 0-d sums (``x.sum()`` of each leaf), as plain
+    0-d tensors on every rank; zero for an empty tree.
 
-    A sharded DTensor's ``sum`` is a pending sum over its shards; ``full_tensor`` all-reduces it.
-    The per-tensor sum runs in ``t``'s dtype, as the reference's ``torch.dot(...).item()`` does."""
-    total = t.sum()
-    if _sharding.is_dtensor(total):
-        total = total.full_tensor()
-    return total.to(torch.float64)
-
-
-def _tree_total(per_leaf: Params, like: Tensor) -> Tensor:
-    """The float64 sum of a tree of 0-d sums (zero for an empty tree)."""
-    sums = _tree.leaves(per_leaf)
-    if not sums:
-        return torch.zeros((), dtype=torch.float64, device=like.device)
-    return torch.stack([s.to(like.device) for s in sums]).sum()
+    Each leaf's sum runs in its own dtype and is then added in float64, as the reference packages
+    add ``torch.dot(...).item()`` into a Python float. A sharded DTensor's sum is pending over its
+    shards; those of every tree are all-reduced together, one collective per placement and dtype
+    (not one per tensor), before the float64 totals are taken.
+    """
+    columns = [_tree.leaves(tree) for tree in per_leaf]
+    flat = [x for column in columns for x in column]
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(flat):
+        if _sharding.is_dtensor(x):
+            groups.setdefault((x.device_mesh, tuple(x.placements), x.dtype), []).append(i)
+    for indices in groups.values():
+        reduced = torch.stack([flat[i] for i in indices]).full_tensor()
+        for i, value in zip(indices, reduced.unbind()):
+            flat[i] = value
+    totals, start = [], 0
+    for column in columns:
+        sums = flat[start : start + len(column)]
+        start += len(column)
+        if not sums:
+            totals.append(torch.zeros((), dtype=torch.float64, device=like.device))
+        else:
+            totals.append(torch.stack([x.to(device=like.device, dtype=torch.float64) for x in sums]).sum())
+    return totals
 
 
 def _python_max(a: Tensor, b: Tensor) -> Tensor:
@@ -204,17 +215,17 @@ def scale_by_prodigy(
 
         def moments(g, p, m, v, s, p0):
             sliced_g = _slice(g, slice_p)
-            dot = _whole_sum(sliced_g * (p0 - _slice(p, slice_p)))
+            dot = (sliced_g * (p0 - _slice(p, slice_p))).sum()
             m = m * cast(b1, m) + g * _scalar(first, g)
             v = v * cast(b2, v) + g * _scalar(second, g) * g
             s = s * cast(b3, s) + sliced_g * _scalar(growth, sliced_g)
-            return m, v, s, dot, _whole_sum(s.abs())
+            return m, v, s, dot, s.abs().sum()
 
         m, v, s, dots, l1s = _tree.map_many(
             moments, updates, params, state.exp_avg, state.exp_avg_sq, state.s, state.p0, n=5
         )
-        d_numerator = state.d_numerator * b3 + (d / d0) * dlr * _tree_total(dots, d)
-        d_denom = _tree_total(l1s, d)
+        dot, d_denom = _totals(d, dots, l1s)
+        d_numerator = state.d_numerator * b3 + (d / d0) * dlr * dot
         d_hat = d_coef * d_numerator / d_denom
         d_max = _python_max(state.d_max, d_hat)
         d_new = _python_min(d_max, torch.where(d == d0, _python_max(d, d_hat), d) * growth_rate)
@@ -339,15 +350,15 @@ def scale_by_dadapt_adam(
         dlr, first, growth = hoist(dlr, first, growth)
 
         def moments(g, m, v, s):
-            dot = _whole_sum(g * (s / (v.sqrt() + cast(eps, v))))
+            dot = (g * (s / (v.sqrt() + cast(eps, v)))).sum()
             m = m * cast(b1, m) + g * _scalar(first, g)
             v = v * cast(b2, v) + g * cast(1 - b2, g) * g
             s = s * cast(sqrt_b2, s) + g * _scalar(growth, g)
-            return m, v, s, dot, _whole_sum(s.abs())
+            return m, v, s, dot, s.abs().sum()
 
         m, v, s, dots, l1s = _tree.map_many(moments, updates, state.exp_avg, state.exp_avg_sq, state.s, n=5)
-        numerator_weighted = sqrt_b2 * state.numerator_weighted + (1 - sqrt_b2) * (dlr * _tree_total(dots, d))
-        sk_l1 = _tree_total(l1s, d)
+        dot, sk_l1 = _totals(d, dots, l1s)
+        numerator_weighted = sqrt_b2 * state.numerator_weighted + (1 - sqrt_b2) * (dlr * dot)
         d_hat = numerator_weighted / ((1 - sqrt_b2) * sk_l1)
         d_new = _python_max(d, _python_min(d_hat, d * growth_rate))
         d_new, numerator_weighted = hoist(d_new, numerator_weighted)
