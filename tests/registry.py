@@ -38,7 +38,8 @@ class Spec:
     bad: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # (kwargs, argument named in the error)
     float32_rtol: float = 1e-5  # rounding-level difference from the reference in float32
     eval_params: Callable[..., Any] | None = None  # schedule-free: the reference's eval-mode point
-    wraps: Callable[..., Any] | None = None  # a wrapper's spec (make = lambda **kw: ft.cautious(ft.adamw(**kw))): ft.<name>
+    # A wrapper's spec (make = lambda **kw: ft.cautious(ft.adamw(**kw))): the ft.<name> function it exercises.
+    wraps: Callable[..., Any] | None = None
 
     def cases(self) -> list[dict[str, Any]]:
         return [{**self.base, **option} for option in self.options]
@@ -296,6 +297,7 @@ SPECS: list[Spec] = [
         bad=[({"lr": -1.0}, "lr"), ({"betas": (1.0, 0.999)}, "betas[0]"), ({"warmup_steps": -1}, "warmup_steps")],
     ),
 ]
+
 
 def _frontier_specs() -> list[Spec]:
     """The specs that each ``tests/specs_*.py`` module lists in its ``SPECS`` (the optimisers added after
