@@ -93,6 +93,8 @@ from .wrappers import (
     hyperparams as hyperparams,
     inject_hyperparams as inject_hyperparams,
     lookahead as lookahead,
+    low_precision_state as low_precision_state,
+    sam as sam,
     set_hyperparams as set_hyperparams,
 )
 
@@ -154,6 +156,7 @@ __all__ = [
     "load_into_torch",
     "load_weights",
     "lookahead",
+    "low_precision_state",
     "make_eval_step",
     "make_train_step",
     "mars",
@@ -170,6 +173,7 @@ __all__ = [
     "register_state",
     "rmsprop",
     "rprop",
+    "sam",
     "save_checkpoint",
     "save_weights",
     "schedule_free_adamw",

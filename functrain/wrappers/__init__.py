@@ -26,6 +26,8 @@ from ._inject import (
     signature_of as signature_of,
 )
 from ._lookahead import LookaheadState as LookaheadState, lookahead as lookahead
+from ._low_precision import LowPrecisionState as LowPrecisionState, low_precision_state as low_precision_state
+from ._sam import sam as sam
 
 __all__ = [
     "AccumulateState",
@@ -33,6 +35,7 @@ __all__ = [
     "EmaParamsState",
     "InjectHyperparamsState",
     "LookaheadState",
+    "LowPrecisionState",
     "ScheduleState",
     "accumulate",
     "accumulate_has_updated",
@@ -44,6 +47,8 @@ __all__ = [
     "inject_hyperparams",
     "is_hyperparameter",
     "lookahead",
+    "low_precision_state",
+    "sam",
     "schedulable",
     "set_hyperparams",
     "signature_of",
