@@ -264,3 +264,33 @@ def test_compiled_train_step_equals_eager_and_never_recompiles():
     (eager, eager_losses), (compiled, compiled_losses) = runs
     assert relative_error(compiled.params, eager.params) <= 1e-12
     torch.testing.assert_close(torch.stack(compiled_losses), torch.stack(eager_losses), rtol=1e-12, atol=0)
+
+
+def sharded_scenario(rank):
+    """SAM (global norm over every shard) and ASAM sharded over the ranks, against one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    data = make_data(3)
+    out = []
+    for adaptive in (False, True):
+        tx = ft.sam(ft.adamw(lr=1e-2, weight_decay=0.1), rho=0.5 if adaptive else 0.05, adaptive=adaptive)
+        finals = []
+        for sharded in (True, False):
+            model = make_model()
+            state = ft.TrainState.create(model, tx, mesh=mesh if sharded else None)
+            step = ft.make_train_step(model, loss_fn, tx, mesh=mesh if sharded else None)
+            for x, y in data:
+                state, _ = step(state, (x.chunk(world)[rank], y.chunk(world)[rank]) if sharded else (x, y))
+            finals.append(ft.distributed.full_tensors(state.params))
+        out.append(finals)
+    return out
+
+
+def test_sharded_over_two_ranks_equals_one_process(tmp_path):
+    from .ranks import run_on_ranks
+
+    for out in run_on_ranks(sharded_scenario, 2, tmp_path):
+        for sharded, single in out:
+            assert relative_error(sharded, single) <= 1e-12
