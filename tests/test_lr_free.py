@@ -302,3 +302,44 @@ def test_sharded_estimate_takes_one_all_reduce_per_step(tmp_path):
 
     for rank in run_on_ranks(collectives_scenario, 2, tmp_path):
         assert {name: int(count) for name, count in rank.items()} == {name: 1 for name in MAKERS}
+
+
+def compiled_scenario(rank):
+    """A compiled sharded step (collectives inside the graph) against eager, unsharded, one process.
+    Prodigy only: D-Adaptation's estimate is reduced by the same code, and each compile takes a minute."""
+    from torch._dynamo.utils import counters
+
+    from . import test_sharding as ts
+
+    world, mesh = torch.distributed.get_world_size(), ts.mesh_1d()
+    data = ts.batches(n=4)
+    out = {}
+    for name in ["prodigy"]:
+        make = MAKERS[name][0]
+        kwargs = {"weight_decay": 0.1, "d0": 1e-3}
+        model = ts.make_model()
+        reference, _ = ts.train(model, make(**kwargs), data)
+        torch._dynamo.reset()
+        counters.clear()
+        state = ft.TrainState.create(model, make(**kwargs), mesh=mesh)
+        step = ft.make_train_step(model, ts.loss_fn, make(**kwargs), mesh=mesh, compile=True)
+        for batch in data:
+            state, _ = step(state, ts.part(batch, rank, world))
+        whole = ts.whole(state)
+        out[name] = torch.tensor(
+            [
+                ts.max_relative_error(whole.params, reference.params),
+                ts.max_relative_error(whole.opt_state, reference.opt_state),
+                counters["stats"]["unique_graphs"],
+            ]
+        )
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_sharded_step_equals_eager_one_process_in_one_graph(tmp_path):
+    from .ranks import run_on_ranks
+
+    for rank in run_on_ranks(compiled_scenario, 2, tmp_path):
+        for name, (params, opt_state, graphs) in rank.items():
+            assert params < 1e-12 and opt_state < 1e-12 and graphs == 1, (name, params, opt_state, graphs)
