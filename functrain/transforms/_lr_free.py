@@ -184,9 +184,9 @@ def scale_by_prodigy(
         slice_p: estimate from every ``slice_p``-th element only (:math:`s, \theta_0` that much smaller).
     """
     b1, b2 = betas
-    if beta3 is None:  # the package's math.sqrt for a number
-        beta3 = b2.sqrt() if isinstance(b2, Tensor) else math.sqrt(b2)
     b3 = beta3
+    if b3 is None:  # the package's math.sqrt for a number
+        b3 = b2.sqrt() if isinstance(b2, Tensor) else math.sqrt(b2)
 
     def init(params):
         sliced = _tree.map(lambda p: _slice(p, slice_p), params)
@@ -234,14 +234,7 @@ def scale_by_prodigy(
         def step(g, p, m, v):
             denom = v.sqrt() + _scalar(d_new * eps, v)
             direction = m if _static(b1, lambda b: b > 0) else _direction_without_momentum(b1, m, g, d_new)
-            if _static(weight_decay, lambda w: w == 0):
-                return -(direction / denom) * _scalar(dlr, p)
-            # The package decays the parameter, then steps from the decayed one: two roundings, which
-            # an update added once cannot repeat. So the update is the difference of the two points,
-            # exact for a step much smaller than the parameter (Sterbenz), and p + update is the
-            # package's point. (The estimate's <g, p0 - p> magnifies one ulp of p early in training.)
-            decayed = p - p * _scalar(weight_decay * dlr, p)
-            return (decayed - (direction / denom) * _scalar(dlr, p)) - p
+            return _decoupled(p, -(direction / denom) * _scalar(dlr, p), weight_decay, dlr)
 
         moving = _positive(learning_rate)
         live = _live(d_denom, moving)
@@ -260,6 +253,20 @@ def scale_by_prodigy(
         return out, new_state
 
     return GradientTransformation(init, update)
+
+
+def _decoupled(p: Tensor, step: Tensor, weight_decay, dlr: Tensor) -> Tensor:
+    """The update that takes ``p`` to ``(p - weight_decay * dlr * p) + step``, the packages' decoupled
+    decay: in place first, then the step from the decayed point.
+
+    That is two roundings, which an update added once cannot repeat; so the update is the difference
+    of the two points, exact for a step much smaller than the parameter (Sterbenz), and ``p + update``
+    is the package's point. It matters: Prodigy's estimate, through ``<g, p0 - p>``, magnifies one
+    ulp of ``p`` early in training (a 3% difference after 25 float32 steps when added once)."""
+    if _static(weight_decay, lambda w: w == 0):
+        return step
+    decayed = p - p * _scalar(weight_decay * dlr, p)
+    return (decayed + step) - p
 
 
 def _static(value: Any, test: Any) -> bool | None:
@@ -364,10 +371,7 @@ def scale_by_dadapt_adam(
         d_new, numerator_weighted = hoist(d_new, numerator_weighted)
 
         def step(p, m, v):
-            u = -(m / (v.sqrt() + cast(eps, v)))
-            if _static(weight_decay, lambda w: w != 0) is not False:
-                u = u - p * _scalar(weight_decay * dlr, p)
-            return u
+            return _decoupled(p, -(m / (v.sqrt() + cast(eps, v))), weight_decay, dlr)
 
         moving = _positive(learning_rate)
         live = _live(sk_l1, moving)
