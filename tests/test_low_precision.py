@@ -301,17 +301,49 @@ def sharded_scenario(rank):
     return out
 
 
-def test_sharded_state_is_rounded_shard_by_shard(tmp_path):
-    """Round to nearest: sharded equals one process (elementwise, no random bits). Stochastic: each rank
-    draws its own shard's bits, so the two runs differ by the rounding, not more; the state stays bf16."""
+def test_sharded_over_two_ranks_equals_one_process(tmp_path):
+    """Each rank rounds its own rows, drawing each element's bits by its index in the whole tensor: the
+    sharded run stores the one-process state bit for bit (stochastic and to nearest), params to 1e-12.
+    The MLP's 8-row and 1-row tensors cover a split and a replicated placement."""
     from .ranks import run_on_ranks
 
     for out in run_on_ranks(sharded_scenario, 2, tmp_path):
-        sharded, single = out[False]
-        assert relative_error(sharded.params, single.params) <= 1e-12
-        for a, b in zip(_tree.leaves(sharded.opt_state), _tree.leaves(single.opt_state)):
+        for rounding in (True, False):
+            sharded, single = out[rounding]
+            assert relative_error(sharded.params, single.params) <= 1e-12
+            moments = [t for t in _tree.leaves(sharded.opt_state) if t.ndim]
+            assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+            for a, b in zip(_tree.leaves(sharded.opt_state), _tree.leaves(single.opt_state)):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def compiled_sharded_scenario(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64))
+    loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    tx = ft.low_precision_state(ft.adamw(lr=1e-2))
+    finals = []
+    for compile in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        state = ft.TrainState.create(model, tx, mesh=mesh)
+        step = ft.make_train_step(model, loss_fn, tx, mesh=mesh, compile=compile)
+        for i in range(3):
+            with torch.compiler.set_stance("fail_on_recompile" if compile and i else "default"):
+                state, _ = step(state, tuple(t.chunk(world)[rank] for t in batch))
+        finals.append(ft.distributed.full_tensors(state))
+    return finals
+
+
+@pytest.mark.slow
+def test_compiled_sharded_step_draws_the_eager_bits(tmp_path):
+    from .ranks import run_on_ranks
+
+    for compiled, eager in run_on_ranks(compiled_sharded_scenario, 2, tmp_path):
+        assert relative_error(compiled.params, eager.params) <= 1e-12
+        for a, b in zip(_tree.leaves(compiled.opt_state), _tree.leaves(eager.opt_state)):
             assert a.dtype == b.dtype and torch.equal(a, b)
-        sharded, single = out[True]
-        moments = [t for t in _tree.leaves(sharded.opt_state) if t.ndim]
-        assert moments and all(t.dtype == torch.bfloat16 for t in moments)
-        assert 0 < relative_error(sharded.params, single.params) <= 1e-2

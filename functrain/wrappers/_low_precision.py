@@ -66,8 +66,8 @@ def low_precision_state(
     :func:`stochastic_round_to_bf16`), never recompiles, and a run resumed from a checkpoint (which holds
     ``seed`` and the count) draws the same bits. Eager,
     the hash costs a dozen integer passes over each narrowed tensor per update; compiled, inductor fuses
-    it into the update's kernels. On a sharded (DTensor) state each rank draws the bits of its own shard's
-    indices: as unbiased, but not the same bits as one process.
+    it into the update's kernels. On a sharded (DTensor) state each rank rounds its own shard, drawing each
+    element's bits by its index in the whole tensor: the same bits as one process.
 
     The update (what ``tx`` returns) is computed from the upcast state and returned as is; only the
     state is rounded. ``tx``'s declared fast path (``update_and_apply``, e.g. AdamW's fused kernel) is
@@ -162,7 +162,7 @@ def low_precision_state(
     def store(t, key, index):
         if key is None:
             return t.to(dtype)
-        return _on_local(t, lambda local: stochastic_round_to_bf16(local, _stream(key, index, local)))
+        return _on_local(t, lambda local, first: stochastic_round_to_bf16(local, _stream(key, index, local, first)))
 
     def update(updates, state, params=None, **extra):
         check(updates, state, params)
@@ -176,13 +176,28 @@ def low_precision_state(
 
 
 def _on_local(x: Tensor, fn) -> Tensor:
-    """``fn(x)``; for a DTensor, ``fn`` of the local shard, with ``x``'s placements (elementwise: no communication)."""
+    """``fn(x, 0)``; for a DTensor, ``fn(local shard, global index of its first element)``, with ``x``'s
+    placements (elementwise: no communication). The index makes each element draw the bits it draws in one
+    process, for functrain's placements (rows split by ``Shard(0)``, or replicated); under any other the
+    shard's own indices are used (as unbiased, other bits)."""
     if not _sharding.is_dtensor(x):
-        return fn(x)
+        return fn(x, 0)
     from torch.distributed.tensor import DTensor
 
-    local = fn(x.to_local())
+    local = fn(x.to_local(), _first_index(x))
     return DTensor.from_local(local, x.device_mesh, x.placements, shape=x.shape, stride=x.stride(), run_check=False)
+
+
+def _first_index(x: Tensor) -> int:
+    """The flat index, in the whole tensor, of the first element of this rank's shard of ``x``: its first row
+    times the row's size under ``Shard(0)`` (torch.chunk's split: ceil(rows / ranks) rows each), else 0."""
+    shards = [(dim, p) for dim, p in enumerate(x.placements) if p.is_shard()]
+    if len(shards) != 1 or shards[0][1].dim != 0 or x.ndim == 0:
+        return 0
+    dim = shards[0][0]
+    rows, ranks = x.shape[0], x.device_mesh.size(dim)
+    first_row = min(x.device_mesh.get_coordinate()[dim] * -(-rows // ranks), rows)
+    return first_row * (x.numel() // max(rows, 1))
 
 
 def stochastic_round_to_bf16(x: Tensor, bits: Tensor) -> Tensor:
@@ -218,10 +233,11 @@ def _step_key(seed: Tensor, count: Tensor) -> Tensor:
     return _mix32(key ^ ((count >> 32) & _MASK32))  # counts past 2**32 still draw new bits
 
 
-def _stream(key: Tensor, index: int, like: Tensor) -> Tensor:
-    """Uniform 32-bit integers (int64) of ``like``'s shape, a function of (key, index, element)."""
+def _stream(key: Tensor, index: int, like: Tensor, first: int = 0) -> Tensor:
+    """Uniform 32-bit integers (int64) of ``like``'s shape, a function of (key, index, element), the elements
+    numbered from ``first`` (a shard's place in the whole tensor)."""
     key = key ^ _mix32(index + 1)  # a Python int: one op per state tensor
-    element = torch.arange(like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
-    if like.numel() > 2**32:  # (a static decision on the shape) the high half of the index too
+    element = torch.arange(first, first + like.numel(), dtype=torch.int64, device=like.device).reshape(like.shape)
+    if first + like.numel() > 2**32:  # (a static decision on the shape) the high half of the index too
         key = _mix32(key ^ (element >> 32))
     return _mix32(_mix32((element & _MASK32) ^ key) ^ 0x5BD1E995)
