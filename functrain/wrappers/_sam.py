@@ -47,7 +47,7 @@ def sam(tx: GradientTransformation, rho: float | torch.Tensor = 0.05, adaptive: 
     Args:
         tx: the base optimiser, run on the gradient at :math:`\hat w`.
         rho: :math:`\rho`, the radius of the neighbourhood, >= 0 (0.05 for SAM; ASAM's papers use larger,
-            e.g. 0.5-2.0): a float or a 0-d tensor (``ft.inject_hyperparams(ft.sam)(tx, rho=...)`` to change it).
+            e.g. 0.5-2.0): a float or a 0-d tensor.
         adaptive: ASAM's scale-invariant neighbourhood, :math:`T_w = \operatorname{diag}(|w|)`.
 
     Example:
