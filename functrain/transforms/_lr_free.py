@@ -229,16 +229,18 @@ def scale_by_prodigy(
         d_hat = d_coef * d_numerator / d_denom
         d_max = _python_max(state.d_max, d_hat)
         d_new = _python_min(d_max, torch.where(d == d0, _python_max(d, d_hat), d) * growth_rate)
-        d_new, d_max, d_numerator = hoist(d_new, d_max, d_numerator)
-
-        def step(g, p, m, v):
-            denom = v.sqrt() + _scalar(d_new * eps, v)
-            direction = m if _static(b1, lambda b: b > 0) else _direction_without_momentum(b1, m, g, d_new)
-            return _decoupled(p, -(direction / denom) * _scalar(dlr, p), weight_decay, dlr)
-
         moving = _positive(learning_rate)
         live = _live(d_denom, moving)
-        out = _tree.where_or_zero(live, _tree.map(step, updates, params, m, v))
+        # A skipped step is a step of size 0 (d kept: the skipped estimate may be 0/0).
+        rate, d_step = torch.where(live, dlr, 0.0), torch.where(live, d_new, d)
+        d_new, d_max, d_numerator, rate, d_step = hoist(d_new, d_max, d_numerator, rate, d_step)
+
+        def step(g, p, m, v):
+            denom = v.sqrt() + _scalar(d_step * eps, v)
+            direction = m if _static(b1, lambda b: b > 0) else _direction_without_momentum(b1, m, g, d_step)
+            return _decoupled(p, (direction / denom) * _scalar(-rate, p), weight_decay, rate)
+
+        out = _tree.map(step, updates, params, m, v)
         m, v, s = _select(moving, (m, v, s), (state.exp_avg, state.exp_avg_sq, state.s))
         new_state = ScaleByProdigyState(
             k=torch.where(live, state.k + 1, state.k),
@@ -368,14 +370,16 @@ def scale_by_dadapt_adam(
         numerator_weighted = sqrt_b2 * state.numerator_weighted + (1 - sqrt_b2) * (dlr * dot)
         d_hat = numerator_weighted / ((1 - sqrt_b2) * sk_l1)
         d_new = _python_max(d, _python_min(d_hat, d * growth_rate))
-        d_new, numerator_weighted = hoist(d_new, numerator_weighted)
-
-        def step(p, m, v):
-            return _decoupled(p, -(m / (v.sqrt() + cast(eps, v))), weight_decay, dlr)
-
         moving = _positive(learning_rate)
         live = _live(sk_l1, moving)
-        out = _tree.where_or_zero(live, _tree.map(step, params, m, v))
+        # A skipped step is a step of size 0: the direction times -1 or 0, the decay's rate dlr or 0.
+        sign, rate = torch.where(live, -1.0, 0.0), torch.where(live, dlr, 0.0)
+        d_new, numerator_weighted, sign, rate = hoist(d_new, numerator_weighted, sign, rate)
+
+        def step(p, m, v):
+            return _decoupled(p, (m / (v.sqrt() + cast(eps, v))) * _scalar(sign, m), weight_decay, rate)
+
+        out = _tree.map(step, params, m, v)
         m, v, s = _select(moving, (m, v, s), (state.exp_avg, state.exp_avg_sq, state.s))
         new_state = ScaleByDAdaptAdamState(
             k=torch.where(live, state.k + 1, state.k),
