@@ -13,6 +13,7 @@ with one graph and no recompile, and a PINN trained as torch trains it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 
@@ -164,6 +165,17 @@ def assert_state_is_torchs(memory: ft.optimisers.LbfgsMemory, opt: torch.optim.L
 
 
 # ----------------------------------------------------------------------------- parity
+
+
+def test_signature_mirrors_torch_lbfgs():
+    """Same keyword names, order and defaults as torch.optim.LBFGS (minus params)."""
+    theirs = [
+        (p.name, p.default, p.kind)
+        for p in inspect.signature(torch.optim.LBFGS.__init__).parameters.values()
+        if p.name not in ("self", "params")
+    ]
+    ours = [(p.name, p.default, p.kind) for p in inspect.signature(ft.lbfgs).parameters.values()]
+    assert ours == theirs
 
 
 # Measured on this code: equal bit for bit (every operation is torch's, in torch's dtypes); the
@@ -344,7 +356,8 @@ def test_make_train_step_equals_torch_with_a_closure(line_search_fn, inplace):
 def test_compiled_step_equals_eager_in_one_graph_without_recompiles(line_search_fn):
     """compile=True: one graph (every data-dependent exit masked), equal to eager to rounding, and
     no recompile over later steps (the history fills and wraps, searches take other paths)."""
-    options = {"line_search_fn": line_search_fn, "max_iter": 3, "max_eval": 4, "history_size": 2}
+    # Small budgets: the graph holds every evaluation they allow (3 with the search, 1 without).
+    options = {"line_search_fn": line_search_fn, "max_iter": 2, "max_eval": 3, "history_size": 2}
     model, batch = MLP(width=4), (_X[:16], _Y[:16])
     tx = ft.lbfgs(**options)
     eager = ft.make_train_step(model, mse, tx)

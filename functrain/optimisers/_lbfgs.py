@@ -143,13 +143,16 @@ def lbfgs(
     :math:`\max_i |t_k d_{k,i}|` or the change of the loss falls below ``tolerance_change``. The
     history, the last direction and step carry over to the next ``update``.
 
-    Execution: eager, the loop exits as torch's does, reading its conditions on the host. Traced
-    (``compile=True``, vmap) there is no exit: the update is one graph holding the most evaluations
-    the options allow (``max_eval`` with the line search, ``min(max_iter, max_eval - 1)`` without),
-    each a forward and backward pass, those after the loop has stopped changing nothing. That is the
-    cost of one graph with no recompiles: a compiled step always runs that many evaluations, and
-    compiling takes longer with more of them. The two-loop recursion is a loop in the graph
-    (``torch._higher_order_ops.while_loop``) over the pairs stored, whatever ``history_size``.
+    Execution: eager, the loop exits as torch's does, reading its conditions on the host (on a GPU,
+    a synchronisation each, as torch's ``float(loss)`` and ``if`` are). Traced (``compile=True``,
+    vmap) there is no exit: the update is one graph holding the most evaluations the options allow
+    (``max_eval`` with the line search; without it ``min(max_iter, max(1, max_eval - 1))``
+    iterations, each evaluating once except a ``max_iter``-th), each a forward and backward pass,
+    those after the loop has stopped changing nothing. That is the price of one graph with no
+    recompiles: a compiled step always runs that many evaluations, and the graph, and its compile
+    time, grow with them, so compile with small ``max_iter``/``max_eval`` and call the step more
+    often. The two-loop recursion is a loop in the graph (``torch._higher_order_ops.while_loop``)
+    over the pairs stored, whatever ``history_size``.
 
     Numerics: every operation is torch's, in torch's dtypes: the vectors (gradients, directions,
     history) in the parameters' dtype, each ``x + a y`` as one fused multiply-add as torch's
@@ -160,10 +163,11 @@ def lbfgs(
 
     Not in the common optimiser battery (``tests/registry.py``): that battery steps synthetic
     gradients with no loss to re-evaluate. ``tests/test_lbfgs.py`` covers its points that apply:
-    parity with torch in float64 and float32, tensor and scheduled ``lr``, state structure and
-    dtypes kept, empty and nested trees, checkpoint round trip, bad hyperparameters, mismatched
-    trees, compiled == eager with no recompile. All parameters must be real, on one device and not
-    sharded (the vectors are flat, as torch's).
+    parity with torch (float64 and float32; the state compared too), torch's signature, tensor and
+    scheduled ``lr``, ``maximize``, state structure and dtypes kept, empty and nested trees,
+    checkpoint round trip, bad hyperparameters, mismatched trees, complex parameters refused,
+    compiled == eager in one graph with no recompile, vmap. All parameters must be real, on one
+    device and not sharded DTensors (the vectors are flat, as torch's).
 
     Args:
         lr: learning rate: the initial step length of each line search, or the fixed step without one.
@@ -318,20 +322,14 @@ def _masked(condition: Tensor, fn: Callable[..., Any], old: Any, *args: Any) -> 
 
 
 def _loop(cond: Callable[..., Tensor], body: Callable[..., tuple], carried: tuple, most: int) -> tuple:
-    """``while cond(*carried): carried = body(*carried)``, ``cond`` true for at most ``most`` trips.
-
-    Compiled, torch's ``while_loop`` keeps it one loop in the graph (the two-loop recursion would
-    otherwise be unrolled ``history_size`` times per evaluation). Under vmap or grad, ``most`` masked
-    trips. Eager, the plain loop.
-    """
+    """``while cond(*carried): carried = body(*carried)`` in a traced update, ``cond`` true for at
+    most ``most`` trips. Compiled, torch's ``while_loop`` keeps it one loop in the graph (the
+    two-loop recursion would otherwise be unrolled ``history_size`` times per evaluation); under
+    vmap or grad, ``most`` masked trips."""
     if torch.compiler.is_compiling() and _while_loop is not None:
         return _while_loop(cond, body, carried)
-    if _tree.tracing():
-        for _ in range(most):
-            carried = _tree.where(cond(*carried), body(*carried), carried)
-        return carried
-    while cond(*carried):
-        carried = body(*carried)
+    for _ in range(most):
+        carried = _tree.where(cond(*carried), body(*carried), carried)
     return carried
 
 
@@ -528,8 +526,29 @@ def _push(memory: LbfgsMemory, y: Tensor, s: Tensor, ys: Tensor) -> LbfgsMemory:
 
 
 def _two_loop(grad: Tensor, memory: LbfgsMemory) -> Tensor:
-    """``-H g``: torch's two-loop recursion over the stored pairs, newest to oldest, then back."""
+    """``-H g``: torch's two-loop recursion over the stored pairs, newest to oldest, then back.
+
+    Traced, a loop in the graph whose trips find their ring rows as tensors; eager, the ring's
+    position and size are read on the host once (2x faster on a small model than tensor index
+    arithmetic and a host-read condition per trip). The operations on the rows are the same.
+    """
     size = memory.ro.shape[0]
+    if not _tree.tracing():
+        start, count = int(memory.start), int(memory.num_old)
+        # Each row copied out, as index_select does traced: a BLAS dot sums an unaligned view (a row
+        # at an offset) in another order than a fresh tensor, and torch's pairs are fresh tensors.
+        stps, dirs = (
+            [table[(start + i) % size].clone() for i in range(count)] for table in (memory.old_stps, memory.old_dirs)
+        )
+        ros = [memory.ro[(start + i) % size] for i in range(count)]
+        q, al = grad.neg(), [None] * count
+        for i in reversed(range(count)):
+            al[i] = _alpha(stps[i], ros[i], q)
+            q = torch.addcmul(q, dirs[i], -al[i])
+        r = q * memory.H_diag
+        for i in range(count):
+            r = _forward_trip(dirs[i], stps[i], ros[i], al[i], r)
+        return r
 
     def at(i: Tensor) -> Tensor:  # the ring row of the i-th oldest pair
         return ((memory.start + i) % size).view(1)
@@ -542,23 +561,33 @@ def _two_loop(grad: Tensor, memory: LbfgsMemory) -> Tensor:
 
     def backward(i, q, al):
         j = at(i)
-        a = row(memory.old_stps, j).dot(q) * row(memory.ro, j)
+        a = _alpha(row(memory.old_stps, j), row(memory.ro, j), q)
         # i % size: a masked trip (vmap) runs this with i = -1 too
         return i - 1, torch.addcmul(q, row(memory.old_dirs, j), -a), al.index_copy(0, (i % size).view(1), a.view(1))
 
-    al = torch.zeros_like(memory.ro)
-    _, q, al = _loop(backward_more, backward, (memory.num_old - 1, grad.neg(), al), size)
+    _, q, al = _loop(backward_more, backward, (memory.num_old - 1, grad.neg(), torch.zeros_like(memory.ro)), size)
 
     def forward_more(i, r):
         return i < memory.num_old
 
     def forward(i, r):
         j = at(i)
-        be = row(memory.old_dirs, j).dot(r) * row(memory.ro, j)
-        return i + 1, torch.addcmul(r, row(memory.old_stps, j), row(al, i.view(1)) - be)
+        return i + 1, _forward_trip(
+            row(memory.old_dirs, j), row(memory.old_stps, j), row(memory.ro, j), row(al, i.view(1)), r
+        )
 
     _, r = _loop(forward_more, forward, (torch.zeros_like(memory.num_old), q * memory.H_diag), size)
     return r
+
+
+def _alpha(s: Tensor, ro: Tensor, q: Tensor) -> Tensor:
+    """torch's ``al[i] = old_stps[i].dot(q) * ro[i]``."""
+    return s.dot(q) * ro
+
+
+def _forward_trip(y: Tensor, s: Tensor, ro: Tensor, alpha: Tensor, r: Tensor) -> Tensor:
+    """torch's ``be_i = old_dirs[i].dot(r) * ro[i]; r.add_(old_stps[i], alpha=al[i] - be_i)``."""
+    return torch.addcmul(r, s, alpha - y.dot(r) * ro)
 
 
 # ----------------------------------------------------------------------------- the strong-Wolfe search
