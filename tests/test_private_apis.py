@@ -43,14 +43,14 @@ _PRIVATE_TORCH = re.compile(
 
 def private_torch_names() -> dict[str, set[str]]:
     """``{name: files}`` for each private torch name in functrain/**/*.py; ``torch._foreach_*``
-    ops count as one family, and ``from M import a, b`` as ``M.a`` and ``M.b``."""
+    ops count as one family, and ``from M import a, b as c`` as ``M.a`` and ``M.b``."""
     found: dict[str, set[str]] = {}
     for path in sorted(LIBRARY.rglob("*.py")):
         for match in _PRIVATE_TORCH.finditer(path.read_text()):
             text = match[0]
             if text.startswith("from "):
                 module, names = text[len("from ") :].split(" import ")
-                names = [f"{module}.{n.strip()}" for n in names.split(",") if n.strip()]
+                names = [f"{module}.{n.split(' as ')[0].strip()}" for n in names.split(",") if n.strip()]
             else:
                 names = ["torch._foreach_*" if text.startswith("torch._foreach_") else text]
             for name in names:
