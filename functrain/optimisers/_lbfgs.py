@@ -317,7 +317,8 @@ def _masked(condition: Tensor, fn: Callable[..., Any], old: Any, *args: Any) -> 
     work that would change nothing, and the same numbers.
     """
     if _tree.tracing():
-        return _tree.where(condition, fn(old, *args), old)
+        # Leaves fn passed through unchanged need no where: a smaller graph, compiled sooner.
+        return _tree.map(lambda a, b: a if a is b else torch.where(condition, a, b), fn(old, *args), old)
     return fn(old, *args) if bool(condition) else old
 
 
