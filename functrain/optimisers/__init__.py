@@ -12,6 +12,7 @@ from ._lion import lion as lion
 from ._mars import mars as mars
 from ._muon import muon as muon
 from ._prodigy import prodigy as prodigy
+from ._psgd import psgd_kron as psgd_kron
 from ._rms import adadelta as adadelta, adagrad as adagrad, rmsprop as rmsprop
 from ._rprop import rprop as rprop
 from ._schedule_free import (
@@ -19,6 +20,7 @@ from ._schedule_free import (
     schedule_free_eval_params as schedule_free_eval_params,
 )
 from ._sgd import sgd as sgd
+from ._soap import soap as soap
 from ._trust_ratio import lamb as lamb, lars as lars
 
 __all__ = [
@@ -42,10 +44,12 @@ __all__ = [
     "muon",
     "nadam",
     "prodigy",
+    "psgd_kron",
     "radam",
     "rmsprop",
     "rprop",
     "schedule_free_adamw",
     "schedule_free_eval_params",
     "sgd",
+    "soap",
 ]

@@ -52,6 +52,11 @@ from ._muon import (
     scale_by_muon as scale_by_muon,
 )
 from ._plateau import ReduceOnPlateauState as ReduceOnPlateauState, reduce_on_plateau as reduce_on_plateau
+from ._psgd import (
+    MEMORY_SAVE_MODES as MEMORY_SAVE_MODES,
+    ScaleByPsgdKronState as ScaleByPsgdKronState,
+    scale_by_psgd_kron as scale_by_psgd_kron,
+)
 from ._rms import (
     ScaleByAdadeltaState as ScaleByAdadeltaState,
     ScaleByRmsState as ScaleByRmsState,
@@ -69,10 +74,12 @@ from ._schedule_free import (
     scale_by_bias_corrected_rms as scale_by_bias_corrected_rms,
     scale_by_schedule_free as scale_by_schedule_free,
 )
+from ._soap import ScaleBySoapState as ScaleBySoapState, scale_by_soap as scale_by_soap
 from ._trust_ratio import scale_by_trust_ratio as scale_by_trust_ratio
 
 __all__ = [
     "ADJUST_LR_FNS",
+    "MEMORY_SAVE_MODES",
     "NS_COEFFICIENTS",
     "PolyakAveragingState",
     "ReduceOnPlateauState",
@@ -89,12 +96,14 @@ __all__ = [
     "ScaleByMuonState",
     "ScaleByNadamState",
     "ScaleByProdigyState",
+    "ScaleByPsgdKronState",
     "ScaleByRadamState",
     "ScaleByRmsState",
     "ScaleByRpropState",
     "ScaleByRssState",
     "ScaleByScheduleFreeState",
     "ScaleByScheduleState",
+    "ScaleBySoapState",
     "ScaleByStddevState",
     "TraceState",
     "add_decayed_weights",
@@ -123,12 +132,14 @@ __all__ = [
     "scale_by_muon",
     "scale_by_nadam",
     "scale_by_prodigy",
+    "scale_by_psgd_kron",
     "scale_by_radam",
     "scale_by_rms",
     "scale_by_rprop",
     "scale_by_rss",
     "scale_by_schedule",
     "scale_by_schedule_free",
+    "scale_by_soap",
     "scale_by_stddev",
     "scale_by_trust_ratio",
     "trace",

@@ -1,0 +1,171 @@
+"""What the common battery does not cover for ft.soap and ft.psgd_kron: when SOAP refreshes its
+eigenbases, which dimensions get which factors, the explicit random probes of PSGD, and exact
+resumption across a refresh. References: HeavyBall 3.2.1 (tests/specs_heavyball.py)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.transforms._psgd import factor_kinds, normal_draw
+from functrain.transforms._soap import initial_basis, merged_shape
+
+from .harness import gradient, make_params, relative_error, run_functrain, run_reference
+from .registry import BY_NAME
+from .specs_heavyball import PsgdKronReference, SoapReference
+
+
+def _soap_state(opt_state):
+    return opt_state.inner_state[0]
+
+
+def _run(tx, params, steps, state=None, start=0):
+    state = tx.init(params) if state is None else state
+    for t in range(start, start + steps):
+        updates, state = tx.update(gradient(params, t), state, params)
+        params = ft.apply_updates(params, updates)
+    return params, state
+
+
+def _heavyball_refresh_steps(frequency: int, steps: int) -> set[int]:
+    """The steps heavyball.utils.psgd_should_update picks: its running Python-float sum of
+    ``1 / frequency`` passes an integer."""
+    picked, total = set(), 0.0
+    for t in range(1, steps + 1):
+        if int(total + 1 / frequency) > int(total):
+            picked.add(t)
+        total += 1 / frequency
+    return picked
+
+
+def test_soap_refreshes_its_bases_where_heavyballs_running_sum_passes_an_integer():
+    """The bases move exactly on HeavyBall's steps (after the first step's eigh) and stay put in
+    between. Float sums make these {3, 7, 9} for frequency 3 (5/3 + 1/3 = 1.999...) and {11} for 10."""
+    params = make_params(matrices_only=True)
+    for frequency in (3, 10):
+        tx = ft.soap(lr=0.01, precondition_frequency=frequency)
+        state, p = tx.init(params), params
+        previous = _soap_state(state).q["w"]
+        moved = set()
+        for t in range(1, 12):
+            updates, state = tx.update(gradient(p, t), state, p)
+            p = ft.apply_updates(p, updates)
+            q = _soap_state(state).q["w"]
+            if t > 1 and any(not torch.equal(a, b) for a, b in zip(q, previous)):
+                moved.add(t)
+            previous = q
+        assert moved == _heavyball_refresh_steps(frequency, 11) - {1}
+    assert _heavyball_refresh_steps(3, 11) == {3, 7, 9} and _heavyball_refresh_steps(10, 11) == {11}
+
+
+def test_soap_first_step_only_builds_the_preconditioner():
+    params = make_params()
+    tx = ft.soap(lr=0.1, weight_decay=0.5)
+    updates, state = tx.update(gradient(params, 0), tx.init(params), params)
+    assert all(not u.any() for u in updates.values())  # no step, no decay
+    g = gradient(params, 0)["w"]
+    gg = _soap_state(state).gg["w"]
+    torch.testing.assert_close(gg[0], g @ g.T, rtol=1e-14, atol=0)
+    torch.testing.assert_close(gg[1], g.T @ g, rtol=1e-14, atol=0)
+
+
+def test_soap_factors_per_dimension():
+    """Vectors and scalars have no factor (plain Adam) unless precondition_1d; dimensions over
+    max_precond_dim or of length 1 keep none; merge_dims folds trailing dimensions (HeavyBall's
+    dim_merger), leaving 0-d tensors alone."""
+    params = {"m": torch.zeros(4, 3), "v": torch.zeros(5), "s": torch.zeros(()), "k": torch.zeros(6, 2, 3, 3)}
+    shapes = lambda tx: {k: [tuple(f.shape) for f in v] for k, v in _soap_state(tx.init(params)).gg.items()}  # noqa: E731
+    assert shapes(ft.soap()) == {"m": [(4, 4), (3, 3)], "v": [], "s": [], "k": [(6, 6), (18, 18)]}
+    assert shapes(ft.soap(merge_dims=False))["k"] == [(6, 6), (2, 2), (3, 3), (3, 3)]
+    assert shapes(ft.soap(precondition_1d=True))["v"] == [(5, 5)]
+    assert shapes(ft.soap(max_precond_dim=4))["m"] == [(4, 4), (3, 3)]
+    assert shapes(ft.soap(max_precond_dim=3, merge_dims=False))["k"] == [(2, 2), (3, 3), (3, 3)]
+    assert merged_shape((128, 64, 3, 3), 2048) == (128, 576) and merged_shape((), 8) == ()
+
+
+def test_soap_with_vectors_only_is_adam_with_heavyballs_bias_correction():
+    """No factor anywhere: equal to heavyball.SOAP, and then to Adam with eps outside the root."""
+    params = {"b": torch.randn(7, dtype=torch.float64), "c": torch.randn(3, dtype=torch.float64)}
+    kwargs = {"lr": 0.01, "weight_decay": 0.0}
+    ours = run_functrain(ft.soap(**kwargs), params, 20)
+    assert relative_error(ours, run_reference(SoapReference, kwargs, params, 20)) <= 1e-12
+
+
+def test_soap_initial_basis_spans_the_null_space_continuously():
+    """A rank-1 factor: the first column is the gradient's direction; the rest span its orthogonal
+    complement, and a change in the last bits of the factor moves the basis by rounding only (eigh's
+    own eigenvectors for the repeated zero eigenvalue are arbitrary there)."""
+    g = torch.randn(6, 1, dtype=torch.float64)
+    m = (g @ g.T)[None]
+    basis = initial_basis(m)[0]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert torch.allclose(basis[:, 0].abs(), (g[:, 0] / g.norm()).abs(), atol=1e-14)
+    noise = torch.randn_like(m)
+    nudged = initial_basis(m * (1 + 1e-15 * (noise + noise.mT)))[0]
+    assert (nudged - basis).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("shape,kinds", [((4, 3), ["triangular"] * 2), ((5,), ["diagonal"]), ((), ["scalar"])])
+def test_psgd_factor_kinds(shape, kinds):
+    assert factor_kinds(shape, 2048, 2, None) == kinds
+
+
+def test_psgd_large_dimensions_fall_back_to_diagonal_factors():
+    assert factor_kinds((4, 3000), 2048, 2, None) == ["triangular", "diagonal"]
+    assert factor_kinds((4, 6, 5), 2048, 2, "one_diag") == ["triangular", "diagonal", "triangular"]
+    assert factor_kinds((4, 6, 5), 2048, 2, "one_triu") == ["triangular", "diagonal", "diagonal"]
+    assert factor_kinds((4, 6), 2048, 2, "all_diag") == ["diagonal", "diagonal"]
+    params = {"w": torch.zeros(1, 4, 3), "big": torch.zeros(3, 5)}  # length-1 dimensions are squeezed out
+    q = ft.psgd_kron(max_size_triangular=4).init(params).inner_state[0].q
+    assert [tuple(f.shape) for f in q["w"]] == [(4, 4), (3, 3)]
+    assert [tuple(f.shape) for f in q["big"]] == [(3, 3), (5,)]
+
+
+def test_psgd_probes_are_standard_normal_and_a_pure_function_of_key_and_step():
+    key = torch.tensor(12345)
+    draw = normal_draw(key, torch.tensor(7), (200_000,), torch.float64)
+    assert abs(draw.mean().item()) < 0.01 and abs(draw.std().item() - 1) < 0.01
+    assert abs(((draw > 1.96).double().mean() - 0.025).item()) < 0.002
+    assert torch.equal(draw, normal_draw(key, torch.tensor(7), (200_000,), torch.float64))
+    assert not torch.equal(draw[:10], normal_draw(key, torch.tensor(8), (10,), torch.float64))
+    assert not torch.equal(draw[:10], normal_draw(torch.tensor(12346), torch.tensor(7), (10,), torch.float64))
+
+
+def test_psgd_seed_changes_the_trajectory_and_the_reference_follows_it():
+    params = make_params()
+    a = run_functrain(ft.psgd_kron(lr=0.01, seed=0), params, 10)
+    b = run_functrain(ft.psgd_kron(lr=0.01, seed=1), params, 10)
+    assert relative_error(a, b) > 1e-6
+    expected = run_reference(PsgdKronReference, {"lr": 0.01, "seed": 1}, params, 10)
+    assert relative_error(b, expected) <= 1e-7
+
+
+@pytest.mark.parametrize("name", ["soap", "psgd_kron"])
+def test_resume_from_a_checkpoint_across_a_refresh_is_exact(name):
+    """A checkpoint taken before a refresh (SOAP, frequency 3) or a fit (PSGD, probability 1/2)
+    resumes bit for bit: the schedule's running sum, the bases, and PSGD's probe keys are all state."""
+    kwargs = {
+        "soap": {"lr": 0.01, "precondition_frequency": 3},
+        "psgd_kron": {"lr": 0.01, "preconditioner_update_probability": 0.5},
+    }[name]
+    tx = BY_NAME[name].make(**kwargs)
+    params = make_params()
+    p, state = _run(tx, params, 5)
+    buffer = io.BytesIO()
+    torch.save({"params": p, "state": state}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    resumed, _ = _run(tx, loaded["params"], 6, loaded["state"], start=5)
+    uninterrupted, _ = _run(tx, params, 11)
+    assert relative_error(resumed, uninterrupted) == 0.0
+
+
+@pytest.mark.parametrize("name", ["soap", "psgd_kron"])
+def test_complex_params_are_refused(name):
+    params = {"z": torch.zeros(3, dtype=torch.complex64)}
+    tx = BY_NAME[name].make()
+    with pytest.raises(TypeError, match="complex"):
+        tx.update(params, tx.init(params), params)
