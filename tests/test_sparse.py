@@ -67,7 +67,11 @@ def loss_fn(model, batch):
 BATCH = (torch.tensor([[1, 2, 3], [3, 4, 5]]), torch.tensor([[1.0], [-1.0]]))
 
 
-@pytest.mark.parametrize("tx", [ft.adamw(lr=0.1), ft.sgd(lr=0.1), ft.adam(lr=0.1, amsgrad=True)], ids=str)
+@pytest.mark.parametrize(
+    "tx",
+    [ft.adamw(lr=0.1), ft.sgd(lr=0.1), ft.adam(lr=0.1, amsgrad=True)],
+    ids=["adamw", "sgd", "adam-amsgrad"],  # named: xdist workers must collect the same ids
+)
 def test_train_step_on_a_sparse_embedding_names_the_parameter(tx):
     model = Bag(sparse=True)
     state = ft.TrainState.create(model, tx)
