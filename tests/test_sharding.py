@@ -320,14 +320,16 @@ def two_ranks_registry(tmp_path_factory):
     return run_on_ranks(registry_scenario, 2, tmp_path_factory.mktemp("registry"))
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in registry.SPECS])
-def test_every_optimiser_sharded_over_two_ranks_equals_one_process(two_ranks_registry, name):
+@pytest.mark.parametrize("spec", [pytest.param(spec, id=spec.name) for spec in registry.SPECS])
+def test_every_optimiser_sharded_over_two_ranks_equals_one_process(two_ranks_registry, spec):
+    # float64: only the order of the sums over shards differs from one process, times what the
+    # optimiser's own maths makes of a last-bit change
+    bound = 1e-12 * spec.rounding_gain
     for rank in two_ranks_registry:
-        cases = {k: v for k, v in rank.items() if k.startswith(f"{name}[")}
+        cases = {k: v for k, v in rank.items() if k.startswith(f"{spec.name}[")}
         assert cases
         for case, (params, opt_state, metrics) in cases.items():
-            # float64: only the order of the sums over shards differs from one process
-            assert params < 1e-12 and opt_state < 1e-12 and metrics < 1e-12, (case, params, opt_state, metrics)
+            assert params < bound and opt_state < bound and metrics < bound, (case, params, opt_state, metrics)
 
 
 def test_params_and_state_are_split_by_rows_small_ones_replicated(tmp_path):

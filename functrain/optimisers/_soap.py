@@ -106,8 +106,8 @@ def soap(
         ...     updates, state = tx.update({"w": torch.tensor(g)}, state, params)
         ...     params = ft.apply_updates(params, updates)
         >>> params["w"]
-        tensor([[ 0.9154, -1.9407],
-                [ 0.4296,  2.9085]])
+        tensor([[ 1.0619, -1.9306],
+                [ 0.3821,  2.8679]])
 
     References:
         Vyas et al., 2024, "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv:2409.11321,
