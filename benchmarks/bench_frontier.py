@@ -329,9 +329,14 @@ class Stepper:
         self.initial = {k: initial[k].clone() for k in CHECKED}
         self.change: dict[str, Tensor] | None = None
         self.calls = 0
+        # dynamo graphs compiled during each call (HeavyBall's compiled kernels too): a compiled peer
+        # that recompiled in its timed rounds would be timed compiling.
+        self.graphs_per_call: list[int] = []
 
     def __call__(self) -> None:
+        before = _unique_graphs()
         self._step()
+        self.graphs_per_call.append(_unique_graphs() - before)
         self.calls += 1
         if self.calls == PARITY_STEPS:
             now = self._current()
@@ -357,8 +362,8 @@ def functrain_stepper(opt: Frontier, params, grads) -> Stepper:
 class CompiledStepper(Stepper):
     """The update under ``torch.compile(fullgraph=True)``, written into the params and state (in place).
 
-    Counts dynamo's graphs over every call (``unique_graphs``, read around each call): ``graphs`` in
-    all, ``recompiles`` charged to calls after the first."""
+    Its graphs are those dynamo compiled during its calls (``unique_graphs``, read around each call:
+    :attr:`Stepper.graphs_per_call`); ``recompiles``, those of every call after the first."""
 
     def __init__(self, opt: Frontier, params, grads):
         # Every compiled entry wraps the same `update` code: drop the earlier entries' graphs so that
@@ -375,17 +380,19 @@ class CompiledStepper(Stepper):
                 old.copy_(new)
 
         compiled = torch.compile(update, fullgraph=True)
-        self.graphs = self.recompiles = 0
 
         def step() -> None:
-            before = _unique_graphs()
             compiled(params, state, grads)
-            new = _unique_graphs() - before
-            self.graphs += new
-            if self.calls > 0:
-                self.recompiles += new
 
         super().__init__(step, lambda: params, params)
+
+    @property
+    def graphs(self) -> int:
+        return sum(self.graphs_per_call)
+
+    @property
+    def recompiles(self) -> int:
+        return sum(self.graphs_per_call[1:])
 
 
 def _unique_graphs() -> int:
@@ -504,7 +511,13 @@ def run_group(name: str, impl: str, frontier_set, base_params, base_grads, time_
     time_step(stepper, rounds=frontier_set.rounds, warmup_rounds=warmup, **extra)
     stepper.check()
     rel = parity(opt, impl, frontier_set.name, stepper)
-    benchmark.extra_info.update(first_step_rel_diff=rel, calls=stepper.calls)
+    warm = 0 if bench_config.smoke else frontier_set.warmup_rounds
+    benchmark.extra_info.update(
+        first_step_rel_diff=rel,
+        calls=stepper.calls,
+        graphs_per_call=stepper.graphs_per_call,
+        graphs_in_timed_rounds=sum(stepper.graphs_per_call[warm:]),
+    )
     if isinstance(stepper, CompiledStepper):
         benchmark.extra_info.update(graphs=stepper.graphs, recompiles=stepper.recompiles)
         assert stepper.graphs == 1 and stepper.recompiles == 0, (
