@@ -270,6 +270,14 @@ def map_many(fn: Callable[..., tuple], tree: Tree, *rest: Tree, n: int) -> tuple
     return tuple(pytree.tree_unflatten([r[i] for r in results], spec) for i in range(n))
 
 
+def map_many_per_leaf(fn: Callable[..., tuple], tree: Tree, *rest: Tree, n: int) -> tuple[Tree, ...]:
+    """Like :func:`map_many`, where each of ``rest`` has ``tree``'s structure down to ``tree``'s leaves
+    and holds whatever it likes there (a tuple of factors per parameter, say), passed to ``fn`` whole."""
+    flat, spec = pytree.tree_flatten(tree)
+    results = [fn(*xs) for xs in zip(flat, *(spec.flatten_up_to(o) for o in rest))]
+    return tuple(pytree.tree_unflatten([r[i] for r in results], spec) for i in range(n))
+
+
 def structure(tree: Tree) -> pytree.TreeSpec:
     return pytree.tree_structure(tree)
 
@@ -575,6 +583,20 @@ def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
     """``a`` where the 0-d bool ``condition`` holds, else ``b``, leaf by leaf: a branch without a
     Python ``if`` on a tensor, so it traces into one graph and never syncs with the device."""
     return map(lambda x, y: torch.where(condition.to(x.device), x, y), a, b)
+
+
+def choose(condition: Tensor, if_true: Callable[[], Tree], if_false: Callable[[], Tree]) -> Tree:
+    """``if_true()`` if the 0-d bool ``condition`` holds, else ``if_false()``: two trees of one structure.
+
+    Eager, the host reads the condition and runs only the branch taken (an optimiser's occasional
+    work, an eigendecomposition or a line-search trip, costs nothing on the other steps). Traced
+    (compiled, vmapped), both branches run and each leaf is merged by ``torch.where``, so the graph
+    holds both and the data picks one, with no host read; a leaf both branches share passes as it
+    is. Both forms give the same numbers.
+    """
+    if tracing():
+        return map(lambda a, b: a if a is b else torch.where(condition.to(a.device), a, b), if_true(), if_false())
+    return if_true() if bool(condition) else if_false()
 
 
 def where_or_zero(condition: Tensor, tree: Tree) -> Tree:

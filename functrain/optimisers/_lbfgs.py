@@ -311,15 +311,10 @@ def _flat_dtype(leaves: list[Tensor]) -> torch.dtype:
 def _masked(condition: Tensor, fn: Callable[..., Any], old: Any, *args: Any) -> Any:
     """``fn(old, *args)`` where the 0-d bool ``condition`` holds, else ``old`` (a tree of tensors).
 
-    Traced (compiled, vmapped), both are computed and merged by ``torch.where``: the graph holds
-    every branch and the data picks one, so nothing breaks the graph. Eager, the host reads the
-    condition and runs ``fn`` only when it holds, as torch.optim.LBFGS reads its own conditions: no
-    work that would change nothing, and the same numbers.
+    Eager, the host reads the condition and runs ``fn`` only when it holds, as torch.optim.LBFGS
+    reads its own conditions; traced, both merged by ``torch.where`` (:func:`functrain._tree.choose`).
     """
-    if _tree.tracing():
-        # Leaves fn passed through unchanged need no where: a smaller graph, compiled sooner.
-        return _tree.map(lambda a, b: a if a is b else torch.where(condition, a, b), fn(old, *args), old)
-    return fn(old, *args) if bool(condition) else old
+    return _tree.choose(condition, lambda: fn(old, *args), lambda: old)
 
 
 def _loop(cond: Callable[..., Tensor], body: Callable[..., tuple], carried: tuple, most: int) -> tuple:

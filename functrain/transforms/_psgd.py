@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from .. import _tree
 from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 from ._soap import _compute_dtype, _lerp, _placed_like, _whole, debiased_in_float32, merged_shape
@@ -353,16 +354,15 @@ def scale_by_psgd_kron(
         return tuple(torch.zeros((), dtype=torch.float64, device=q.device) for q in factors(p))
 
     def init(params):
-        flat, spec = pytree.tree_flatten(params)
         count = step_count(params)
-        keys = [leaf_key(seed, i).to(count.device) for i in range(len(flat))]
+        position = itertools.count()  # each leaf's key from its position in the tree (map visits them in order)
         return ScaleByPsgdKronState(
             count=count,
             updates_due=torch.zeros((), dtype=torch.float64, device=count.device),
-            key=pytree.tree_unflatten(keys, spec),
-            exp_avg=pytree.tree_map(torch.zeros_like, params),
-            q=pytree.tree_map(factors, params),
-            lower_bound=pytree.tree_map(bounds, params),
+            key=_tree.map(lambda _: leaf_key(seed, next(position)).to(count.device), params),
+            exp_avg=_tree.map(torch.zeros_like, params),
+            q=_tree.map(factors, params),
+            lower_bound=_tree.map(bounds, params),
         )
 
     def update(updates, state, params=None, **extra):
@@ -384,17 +384,23 @@ def scale_by_psgd_kron(
             qs = [q[None].to(dtype) for q in qs]
             lbs = [b[None] for b in lbs]
 
-            scale = _init_scale(g32, precond_init_scale, precond_init_scale_scale, precond_init_scale_power)
-            qs = [torch.where(first, a, b) for a, b in zip(_initial_factors(g32, kinds, dtype, scale), qs)]
+            def initial():
+                scale = _init_scale(g32, precond_init_scale, precond_init_scale_scale, precond_init_scale_power)
+                return list(_initial_factors(g32, kinds, dtype, scale))
 
-            x = m32 if momentum_into_precond_update else g32
-            v = normal_draw(key, state.count, x.shape, dtype)
-            h = x + (dampening + torch.finfo(torch.float32).eps * x.abs()) * v
-            fitted, fitted_lbs = fitted_factors(
-                qs, lbs, h, v, precond_lr, lower_bound_beta, precond_update_power_iterations
-            )
-            qs = [torch.where(refit, a, b) for a, b in zip(fitted, qs)]
-            lbs = [torch.where(refit, a, b) for a, b in zip(fitted_lbs, lbs)]
+            qs = _tree.choose(first, initial, lambda: qs)
+
+            def fitted():
+                """A fit on a random probe (a pure function of the key and the step: no generator state)."""
+                x = m32 if momentum_into_precond_update else g32
+                v = normal_draw(key, state.count, x.shape, dtype)
+                h = x + (dampening + torch.finfo(torch.float32).eps * x.abs()) * v
+                new_qs, new_lbs = fitted_factors(
+                    qs, lbs, h, v, precond_lr, lower_bound_beta, precond_update_power_iterations
+                )
+                return list(new_qs), list(new_lbs)
+
+            qs, lbs = _tree.choose(refit, fitted, lambda: (qs, lbs))
 
             direction = torch.einsum(
                 _preconditioner_expr(tuple(q.ndim for q in qs), m32.ndim),
@@ -411,10 +417,9 @@ def scale_by_psgd_kron(
                 tuple(b[0] for b in lbs),
             )
 
-        flat, spec = pytree.tree_flatten(updates)
-        rest = [spec.flatten_up_to(tree) for tree in (state.exp_avg, state.key, state.q, state.lower_bound)]
-        results = [step(*leaf) for leaf in zip(flat, *rest)]
-        out, exp_avg, q, lower_bound = (pytree.tree_unflatten([r[i] for r in results], spec) for i in range(4))
+        out, exp_avg, q, lower_bound = _tree.map_many_per_leaf(
+            step, updates, state.exp_avg, state.key, state.q, state.lower_bound, n=4
+        )
         return out, ScaleByPsgdKronState(count, updates_due, state.key, exp_avg, q, lower_bound)
 
     return GradientTransformation(init, update)

@@ -7,9 +7,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
-from .. import _sharding
+from .. import _sharding, _tree
 from .._hoist import hoist
 from ..base import GradientTransformation, Params, register_state, step_count
 
@@ -262,10 +261,10 @@ def scale_by_soap(
         return ScaleBySoapState(
             count=step_count(params),
             refreshes=torch.zeros((), dtype=torch.float64, device=step_count(params).device),
-            exp_avg=pytree.tree_map(torch.zeros_like, params),
-            exp_avg_sq=pytree.tree_map(torch.zeros_like, params),
-            gg=pytree.tree_map(factors, params),
-            q=pytree.tree_map(factors, params),
+            exp_avg=_tree.map(torch.zeros_like, params),
+            exp_avg_sq=_tree.map(torch.zeros_like, params),
+            gg=_tree.map(factors, params),
+            q=_tree.map(factors, params),
         )
 
     def update(updates, state, params=None, **extra):
@@ -284,48 +283,41 @@ def scale_by_soap(
             q = _expand(active, [x[None] for x in q])
             outer = _outer_products(g32, active)
 
-            # The first step: the factors from this gradient, their eigenvectors, no update.
-            first_gg = outer
-            first_q = [None if x is None else initial_basis(x) for x in outer]
+            def first_step():
+                """The factors from this gradient, their eigenvectors, no update."""
+                first_q = [None if x is None else initial_basis(x) for x in outer]
+                return m32, v32, outer, first_q, torch.zeros_like(g32)
 
-            # Later steps: Adam in the current eigenbasis, then the factors, then (maybe) a new basis.
-            t = count.to(dtype)
-            projected = _project(g32, q, back=False)
-            w1 = 1 - _debiased(b1, t - 1, g32)
-            w2 = 1 - _debiased(b2, t - 1, g32)
-            new_m = _lerp(m32, projected, w1)
-            new_v = _lerp(v32, projected * projected, w2)
-            denom = new_v.clamp_min(0).sqrt().clamp(min=_as(eps, new_v))
-            direction = _project(new_m / denom, q, back=True)
-            ws = 1 - debiased_in_float32(shampoo_beta, count).to(dtype)
-            new_gg = [None if x is None else _lerp(x, o, ws) for x, o in zip(gg, outer)]
-            fresh_q = [None if x is None else refreshed_basis(x, b) for x, b in zip(new_gg, q)]
-            if any(active):
-                new_m = torch.where(refresh, _change_basis(new_m, q, fresh_q), new_m)
-                new_q = [None if x is None else torch.where(refresh, f, x) for x, f in zip(q, fresh_q)]
-            else:
-                new_q = q
+            def later_step():
+                """Adam in the current eigenbasis, then the factors, then (maybe) a new basis."""
+                t = count.to(dtype)
+                projected = _project(g32, q, back=False)
+                new_m = _lerp(m32, projected, 1 - _debiased(b1, t - 1, g32))
+                new_v = _lerp(v32, projected * projected, 1 - _debiased(b2, t - 1, g32))
+                denom = new_v.clamp_min(0).sqrt().clamp(min=_as(eps, new_v))
+                direction = _project(new_m / denom, q, back=True)
+                ws = 1 - debiased_in_float32(shampoo_beta, count).to(dtype)
+                new_gg = [None if x is None else _lerp(x, o, ws) for x, o in zip(gg, outer)]
 
-            def pick(at_first, later):
-                return torch.where(first, at_first, later)
+                def refreshed():
+                    fresh_q = [None if x is None else refreshed_basis(x, b) for x, b in zip(new_gg, q)]
+                    return _change_basis(new_m, q, fresh_q), fresh_q
 
-            out_gg = tuple(pick(a, b)[0] for a, b in zip(first_gg, new_gg) if a is not None)
-            out_q = tuple(pick(a, b)[0] for a, b in zip(first_q, new_q) if a is not None)
-            new_m = pick(m32, new_m)[0].reshape(g.shape).to(m.dtype)
-            new_v = pick(v32, new_v)[0].reshape(g.shape).to(v.dtype)
-            direction = pick(torch.zeros_like(direction), direction)[0].reshape(g.shape).to(g.dtype)
+                new_m, new_q = _tree.choose(refresh, refreshed, lambda: (new_m, q)) if any(active) else (new_m, q)
+                return new_m, new_v, new_gg, new_q, direction
+
+            new_m, new_v, out_gg, out_q, direction = _tree.choose(first, first_step, later_step)
             return (
-                _placed_like(direction, g),
-                _placed_like(new_m, m),
-                _placed_like(new_v, v),
-                out_gg,
-                out_q,
+                _placed_like(direction[0].reshape(g.shape).to(g.dtype), g),
+                _placed_like(new_m[0].reshape(g.shape).to(m.dtype), m),
+                _placed_like(new_v[0].reshape(g.shape).to(v.dtype), v),
+                tuple(x[0] for x in out_gg if x is not None),
+                tuple(x[0] for x in out_q if x is not None),
             )
 
-        flat, spec = pytree.tree_flatten(updates)
-        rest = [spec.flatten_up_to(tree) for tree in (state.exp_avg, state.exp_avg_sq, state.gg, state.q)]
-        results = [step(*leaf) for leaf in zip(flat, *rest)]
-        out, exp_avg, exp_avg_sq, gg, q = (pytree.tree_unflatten([r[i] for r in results], spec) for i in range(5))
+        out, exp_avg, exp_avg_sq, gg, q = _tree.map_many_per_leaf(
+            step, updates, state.exp_avg, state.exp_avg_sq, state.gg, state.q, n=5
+        )
         return out, ScaleBySoapState(count, refreshes, exp_avg, exp_avg_sq, gg, q)
 
     return GradientTransformation(init, update)
