@@ -57,6 +57,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -634,3 +635,23 @@ def table(runs: list[list[str]]) -> str:
 if __name__ == "__main__":
     # python benchmarks/bench_frontier.py RUN1.json[,RUN1b.json] RUN2.json ...: one argument per run.
     sys.stdout.write(table([arg.split(",") for arg in sys.argv[1:]]))
+
+
+def test_convergence_script_smoke(tmp_path, bench_config):
+    """benchmarks/frontier_convergence.py at --smoke (tiny models, 4 steps): every entry of its RUNS
+    trains both models, writes finite losses to the JSON and its markdown table lists each one."""
+    if not bench_config.smoke:
+        pytest.skip("the committed convergence run is the script's full form (see README.md)")
+    import frontier_convergence
+
+    out = tmp_path / "convergence.json"
+    results = frontier_convergence.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "c.png")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    names = [run.name for run in frontier_convergence.RUNS]
+    table = frontier_convergence.table(results)
+    for model in ("gpt", "cnn"):
+        runs = results["models"][model]["runs"]
+        assert list(runs) == names
+        for name, run in runs.items():
+            assert len(run["train_loss"]) == 4 and all(math.isfinite(v) for v in run["train_loss"]), name
+            assert f"| {model} | {name} |" in table
