@@ -63,9 +63,11 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 import torch
+from conftest import compiled_in_place
 from torch import Tensor
 
 import functrain as ft
@@ -374,14 +376,7 @@ class CompiledStepper(Stepper):
         tx = opt.functrain(opt.schedule())
         params = {k: v.clone() for k, v in params.items()}  # written in place
         state = tx.init(params)
-
-        def update(params, state, grads):
-            updates, new_state = tx.update(grads, state, params)
-            new_params = ft.apply_updates(params, updates)
-            for old, new in zip(ft._tree.leaves((params, state)), ft._tree.leaves((new_params, new_state))):
-                old.copy_(new)
-
-        compiled = torch.compile(update, fullgraph=True)
+        compiled = compiled_in_place(tx)
 
         def step() -> None:
             compiled(params, state, grads)
@@ -442,12 +437,8 @@ def heavyball_first_basis():
     def get_orthogonal_matrix(factors):
         return [None if m is None else initial_basis(m) for m in factors]
 
-    saved = heavyball.utils.get_orthogonal_matrix
-    heavyball.utils.get_orthogonal_matrix = get_orthogonal_matrix
-    try:
+    with mock.patch.object(heavyball.utils, "get_orthogonal_matrix", get_orthogonal_matrix):
         yield
-    finally:
-        heavyball.utils.get_orthogonal_matrix = saved
 
 
 @contextlib.contextmanager
@@ -466,14 +457,9 @@ def heavyball_eager(probes: bool, step: int, n: int):
         v = normal_draw(next(keys), torch.tensor(step), tuple(g.shape), g.dtype)
         return v, g + (damp + torch.finfo(torch.float32).eps * g.abs()) * v
 
-    saved = heavyball.utils.compile_mode, heavyball.utils.dampen_grad
-    heavyball.utils.compile_mode = None
-    if probes:
-        heavyball.utils.dampen_grad = dampen_grad
-    try:
-        yield
-    finally:
-        heavyball.utils.compile_mode, heavyball.utils.dampen_grad = saved
+    with mock.patch.object(heavyball.utils, "compile_mode", None):
+        with mock.patch.object(heavyball.utils, "dampen_grad", dampen_grad) if probes else nullcontext():
+            yield
 
 
 def make_stepper(opt: Frontier, impl: str, params, grads, bench_config) -> Stepper:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import SIZE_IDS, torchopt_info
+from conftest import SIZE_IDS, compiled_in_place, torchopt_info
 from torch import Tensor
 
 import functrain as ft
@@ -138,13 +138,7 @@ def compiled_functrain_stepper(tx, params, grads) -> Stepper:
     params = {k: v.clone() for k, v in params.items()}  # written in place: keep the caller's for check()
     carry = {"params": params, "state": tx.init(params)}
 
-    def update(params, state, grads):
-        updates, new_state = tx.update(grads, state, params)
-        new_params = ft.apply_updates(params, updates)
-        for old, new in zip(ft._tree.leaves((params, state)), ft._tree.leaves((new_params, new_state))):
-            old.copy_(new)
-
-    compiled = torch.compile(update, fullgraph=True)
+    compiled = compiled_in_place(tx)
 
     def step() -> None:
         compiled(carry["params"], carry["state"], grads)

@@ -341,3 +341,17 @@ def torchopt_info() -> dict:
     else:
         cxx = True
     return {"torchopt_version": torchopt.__version__, "torchopt_cxx_op": cxx}
+
+
+def compiled_in_place(tx) -> Callable[[dict, object, dict], None]:
+    """``tx.update`` and ``ft.apply_updates`` under ``torch.compile(fullgraph=True)``, written back into
+    the params and state (in place), as a compiled train step does: ``compiled(params, state, grads)``."""
+    import functrain as ft
+
+    def update(params, state, grads):
+        updates, new_state = tx.update(grads, state, params)
+        new_params = ft.apply_updates(params, updates)
+        for old, new in zip(ft._tree.leaves((params, state)), ft._tree.leaves((new_params, new_state))):
+            old.copy_(new)
+
+    return torch.compile(update, fullgraph=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from unittest import mock
 
 import heavyball
 import heavyball.utils
@@ -70,12 +71,11 @@ class SoapReference:
         def get_orthogonal_matrix(factors):
             return [None if m is None else initial_basis(m) for m in factors]
 
-        original, heavyball.utils.get_orthogonal_matrix = heavyball.utils.get_orthogonal_matrix, get_orthogonal_matrix
-        try:
-            with _without_heavyballs_advice():
-                self.optimizer.step()
-        finally:
-            heavyball.utils.get_orthogonal_matrix = original
+        with (
+            mock.patch.object(heavyball.utils, "get_orthogonal_matrix", get_orthogonal_matrix),
+            _without_heavyballs_advice(),
+        ):
+            self.optimizer.step()
 
 
 SOAP_OPTIONS = [
@@ -128,12 +128,8 @@ class PsgdKronReference:
             v = normal_draw(next(keys), count, tuple(g.shape), g.dtype)
             return v, g + (damp + torch.finfo(torch.float32).eps * g.abs()) * v
 
-        original, heavyball.utils.dampen_grad = heavyball.utils.dampen_grad, dampen_grad
-        try:
-            with _without_heavyballs_advice():
-                self.optimizer.step()
-        finally:
-            heavyball.utils.dampen_grad = original
+        with mock.patch.object(heavyball.utils, "dampen_grad", dampen_grad), _without_heavyballs_advice():
+            self.optimizer.step()
         self.steps += 1
 
 
