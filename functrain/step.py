@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import logging
+import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -601,6 +604,7 @@ def _checked(
     run under ``torch.func`` transforms."""
     if compile is False:
         return _EagerStep(fn, forward)
+    _import_cpp_extension_without_its_cuda_notice()
     options = {} if compile is True else dict(compile)
     options.setdefault("fullgraph", True)
     # Static shapes unless asked: a second batch size (an epoch's last, smaller batch) then compiles
@@ -613,6 +617,32 @@ def _checked(
         return None if f is None else torch.compile(_with_own_code(f), **options)
 
     return _CompiledStep(compiled(fn if transformable else None), compiled(autograd_fn), pure_eager, first_call)
+
+
+_CUDA_NOTICE = "No CUDA runtime is found"
+
+
+def _import_cpp_extension_without_its_cuda_notice() -> None:
+    """Imports ``torch.utils.cpp_extension``, which inductor imports at its first compile, without the
+    notice it logs once per process at import on a machine with a CUDA toolkit but no CUDA device
+    ("No CUDA runtime is found, using CUDA_HOME=..."): on a CPU-only run it says nothing to act on.
+
+    Only that record is dropped, and only during this import: the filter is removed afterwards, every
+    other record of that logger passes, and where a CUDA device is present nothing is done (torch
+    logs nothing then). A ``torch.compile`` of the user's own, before any functrain step, still shows it.
+    """
+    if "torch.utils.cpp_extension" in sys.modules or torch.cuda.is_available():
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def not_the_notice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_CUDA_NOTICE)
+
+    logger.addFilter(not_the_notice)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")  # for its side effect, quietly
+    finally:
+        logger.removeFilter(not_the_notice)
 
 
 class _EagerStep:
