@@ -117,6 +117,13 @@ def integer(owner: str, name: str, value: Any, low: int, high: int | None = None
     return int(value)
 
 
+def boolean(owner: str, name: str, value: Any) -> bool:
+    """Returns ``value``, a bool; TypeError naming the argument for anything else (0 and 1 included)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}: {value!r}")
+    return value
+
+
 def seconds(owner: str, name: str, value: Any) -> float | None:
     """Returns a timeout ``value`` as a float number of seconds, finite and > 0, or ``None`` (wait
     forever): TypeError for anything but a real number (a bool included) or None, ValueError otherwise."""

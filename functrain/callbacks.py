@@ -10,7 +10,7 @@ values reach callbacks in ``on_log`` / ``on_eval_end``, already read back by the
 
 Built-ins: :class:`ProgressBar` (tqdm), :class:`TensorBoard`, :class:`JSONLogger`,
 :class:`Checkpoint` (periodic and best, keeping the last K), :class:`EarlyStopping`,
-:class:`StopOnNonFinite`.
+:class:`StopOnNonFinite`, :class:`Profiler` (torch.profiler traces).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from . import _tree, _validate, distributed
@@ -525,3 +527,90 @@ class ProgressBar(Callback):
     def on_fit_end(self, loop: Loop) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Profiler(Callback):
+    """Records training steps with ``torch.profiler`` on its usual schedule and writes each recorded
+    window as a trace that TensorBoard's profiler plugin and Perfetto (ui.perfetto.dev) open.
+
+    The first ``wait`` steps run unrecorded, the next ``warmup`` steps are recorded and thrown away
+    (the profiler's own start-up cost), and the ``active`` steps after them are kept; that cycle runs
+    ``repeat`` times (0: until training ends). Each kept window becomes one Chrome-trace file
+    ``<worker>.<time>.pt.trace.json`` in ``trace_dir``, with one ``ProfilerStep#N`` range per step
+    (``N`` counts the steps since the fit started). The worker name holds the host, the process and,
+    under ``torch.distributed``, the rank, so every rank writes its own file.
+
+    Profiling costs time only in the recorded steps. Step boundaries are marked from host
+    counters, so nothing syncs with the device.
+
+    Args:
+        trace_dir: the folder the traces are written to (created if missing).
+        wait, warmup: steps skipped, then recorded and discarded, before each window (ints >= 0).
+        active: steps kept in each window (an int >= 1).
+        repeat: windows to record (an int >= 0; 0 records until the end).
+        record_shapes: record each op's input shapes.
+        profile_memory: record tensor allocations and frees (memory per op, and the memory view).
+        with_stack: record the Python stack of each op (slower; shows source lines in the trace).
+
+    Example:
+        >>> import functrain as ft
+        >>> profiler = ft.callbacks.Profiler("runs/profile", wait=5, warmup=1, active=3)
+        >>> # ft.fit(step, state, loader, steps=100, callbacks=[profiler])
+        >>> # then: tensorboard --logdir runs/profile, or open the .pt.trace.json file in Perfetto
+    """
+
+    def __init__(
+        self,
+        trace_dir: str | os.PathLike,
+        *,
+        wait: int = 1,
+        warmup: int = 1,
+        active: int = 3,
+        repeat: int = 1,
+        record_shapes: bool = True,
+        profile_memory: bool = True,
+        with_stack: bool = False,
+    ):
+        owner = "Profiler"
+        self.trace_dir = Path(trace_dir)
+        self.wait = _validate.integer(owner, "wait", wait, 0)
+        self.warmup = _validate.integer(owner, "warmup", warmup, 0)
+        self.active = _validate.integer(owner, "active", active, 1)
+        self.repeat = _validate.integer(owner, "repeat", repeat, 0)
+        self.options = {
+            "record_shapes": _validate.boolean(owner, "record_shapes", record_shapes),
+            "profile_memory": _validate.boolean(owner, "profile_memory", profile_memory),
+            "with_stack": _validate.boolean(owner, "with_stack", with_stack),
+        }
+        self.profiler = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        import torch.profiler as tp
+
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+        activities = [tp.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(tp.ProfilerActivity.CUDA)
+        rank = f".rank{distributed.rank()}" if distributed.world_size() > 1 else ""
+        worker = f"{socket.gethostname()}.{os.getpid()}{rank}"
+        self.profiler = tp.profile(
+            activities=activities,
+            schedule=tp.schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat),
+            on_trace_ready=tp.tensorboard_trace_handler(str(self.trace_dir), worker_name=worker),
+            **self.options,
+        )
+        self.profiler.start()
+
+    def on_step_end(self, loop: Loop) -> None:
+        if self.profiler is not None:
+            with warnings.catch_warnings():
+                # torch's note that each window's events are cleared at its end: here each is written first.
+                warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
+                self.profiler.step()  # a host counter: no sync
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self.profiler is not None:
+            # Writes a window still open (training ended inside it); its last ProfilerStep range, opened
+            # at the last step's end, is empty.
+            self.profiler.stop()
+            self.profiler = None

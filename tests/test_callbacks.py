@@ -1,5 +1,5 @@
 """Built-in callbacks: checkpoints (periodic, last K, best), early stopping, stop on a non-finite loss, JSONL log,
-TensorBoard scalars, progress bar."""
+TensorBoard scalars, progress bar, profiler traces."""
 
 from __future__ import annotations
 
@@ -213,3 +213,58 @@ def test_progress_bar_shows_rate_loss_and_lr_and_is_quiet_when_not_a_tty(capsys)
     fit(step, state, loader, epochs=2, callbacks=[ft.callbacks.ProgressBar(disable=False)])
     err = capsys.readouterr().err
     assert "10/10" in err and "step/s" in err and "loss=" in err and "lr=0.01" in err and "epoch 1" in err
+
+
+# ----------------------------------------------------------------------------- Profiler
+
+
+def _traces(folder):
+    return sorted(folder.glob("*.pt.trace.json"))
+
+
+def _profiled_steps(trace) -> list[int]:
+    events = json.loads(trace.read_text())["traceEvents"]
+    return sorted(int(e["name"].split("#")[1]) for e in events if e.get("name", "").startswith("ProfilerStep#"))
+
+
+def test_profiler_writes_one_chrome_trace_per_window_of_the_scheduled_steps(tmp_path):
+    """wait 2, warmup 1, active 2, twice, over 10 steps: two traces, steps 3-4 and 8-9, each with the
+    step's ops (the model's matrix products) and their memory, in the JSON Perfetto and TensorBoard read."""
+    profiler = ft.callbacks.Profiler(tmp_path / "profile", wait=2, warmup=1, active=2, repeat=2)
+    runs = []
+    for callbacks in ([], [profiler]):
+        _, step, _, state, loader = make_problem()  # a loader of its own: it keeps its cursor
+        torch.manual_seed(0)  # dropout
+        runs.append(fit(step, state, loader, epochs=2, callbacks=callbacks)[0])
+    plain, profiled = runs
+    traces = _traces(tmp_path / "profile")
+    assert [_profiled_steps(t) for t in traces] == [[3, 4], [8, 9]]
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"aten::addmm", "aten::mm"} & names, sorted(n for n in names if n and n.startswith("aten::"))[:20]
+    assert any(e.get("name") == "[memory]" for e in events), "profile_memory recorded no allocations"
+    for a, b in zip(ft._tree.leaves(plain.params), ft._tree.leaves(profiled.params)):
+        assert torch.equal(a, b), "profiling changed the training"
+
+
+def test_profiler_writes_a_window_training_ends_inside(tmp_path):
+    _, step, _, state, loader = make_problem()
+    profiler = ft.callbacks.Profiler(tmp_path, wait=0, warmup=1, active=100)
+    fit(step, state, loader, steps=4, callbacks=[profiler])
+    (trace,) = _traces(tmp_path)
+    # steps 1-3 recorded; #4 is the range the last step's end opened, empty: training ended there
+    assert _profiled_steps(trace) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"active": 0}, ValueError, "Profiler: active must be an int >= 1"),
+        ({"wait": -1}, ValueError, "Profiler: wait must be an int >= 0"),
+        ({"repeat": 1.5}, TypeError, "Profiler: repeat must be an int >= 0"),
+        ({"with_stack": 1}, TypeError, "Profiler: with_stack must be a bool"),
+    ],
+)
+def test_profiler_arguments_are_checked(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ft.callbacks.Profiler(tmp_path, **kwargs)

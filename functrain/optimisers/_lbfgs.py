@@ -219,8 +219,7 @@ def lbfgs(
     _validate.in_range(owner, "tolerance_change", tolerance_change, 0.0)
     history_size = _validate.integer(owner, "history_size", history_size, 1)
     _validate.one_of(owner, "line_search_fn", line_search_fn, _LINE_SEARCHES)
-    if not isinstance(maximize, bool):
-        raise TypeError(f"lbfgs: maximize must be a bool, got {type(maximize).__name__}: {maximize!r}")
+    _validate.boolean(owner, "maximize", maximize)
     options = _Options(lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, maximize)
 
     def init(params):

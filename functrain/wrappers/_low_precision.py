@@ -103,8 +103,7 @@ def low_precision_state(
         raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
     if dtype not in _DTYPES:
         raise ValueError(f"{owner}: dtype must be one of {_DTYPES}, got {dtype!r}")
-    if not isinstance(stochastic_rounding, bool):
-        raise TypeError(f"{owner}: stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+    _validate.boolean(owner, "stochastic_rounding", stochastic_rounding)
     if stochastic_rounding and dtype in (torch.float16, torch.float32):
         raise ValueError(
             f"{owner}: stochastic_rounding is implemented for dtype=torch.bfloat16 (float32's bit pattern cut "

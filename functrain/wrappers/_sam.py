@@ -72,8 +72,7 @@ def sam(tx: GradientTransformation, rho: float | torch.Tensor = 0.05, adaptive: 
         raise TypeError(f"{owner}: tx must be a GradientTransformation, got {type(tx).__name__}")
     _validate.not_a_schedule(owner, "rho", rho)
     _validate.in_range(owner, "rho", rho, 0.0)
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"{owner}: adaptive must be a bool, got {adaptive!r}")
+    _validate.boolean(owner, "adaptive", adaptive)
 
     def ascent(grads, params):
         """e(w): the step to the worst point of the rho-ball, to first order."""
