@@ -233,9 +233,10 @@ def scale_by_soap(
     Dimensions longer than ``max_precond_dim`` or of length 1 stay in the original basis, as do
     vectors (unless ``precondition_1d``) and scalars, for which this is Adam. The factors and bases
     are held whole on every rank when the parameters are sharded (the moments are sharded like the
-    parameters), so a sharded step equals an unsharded one exactly. The eigendecomposition and the QR
-    refresh are computed at every step and kept with ``torch.where`` where they apply, which keeps
-    the step one graph with no host read.
+    parameters), so a sharded step equals an unsharded one exactly. Eagerly, the first step's
+    eigendecomposition and the QR refreshes run only on the steps that need them; traced (compiled,
+    vmapped) they run every step and ``torch.where`` keeps them where they apply, so the step is one
+    graph with no host read.
 
     Args:
         b1: :math:`\beta_1`, decay of the first moment, in [0, 1).
