@@ -545,7 +545,8 @@ class Profiler(Callback):
 
     Args:
         trace_dir: the folder the traces are written to (created if missing).
-        wait, warmup: steps skipped, then recorded and discarded, before each window (ints >= 0).
+        wait: steps run unrecorded before each window (an int >= 0).
+        warmup: steps then recorded and discarded, the profiler's start-up (an int >= 0).
         active: steps kept in each window (an int >= 1).
         repeat: windows to record (an int >= 0; 0 records until the end).
         record_shapes: record each op's input shapes.
