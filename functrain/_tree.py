@@ -585,8 +585,15 @@ def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
     return map(lambda x, y: torch.where(condition.to(x.device), x, y), a, b)
 
 
-def choose(condition: Tensor, if_true: Callable[[], Tree], if_false: Callable[[], Tree]) -> Tree:
+def decided(*conditions: Tensor) -> tuple[Tensor | bool, ...]:
+    """0-d bool ``conditions`` as :func:`choose` takes them: read on the host once, eagerly (one read
+    per step for many calls of :func:`choose`, not one per call), and left as tensors when traced."""
+    return conditions if tracing() else tuple(bool(c) for c in conditions)
+
+
+def choose(condition: Tensor | bool, if_true: Callable[[], Tree], if_false: Callable[[], Tree]) -> Tree:
     """``if_true()`` if the 0-d bool ``condition`` holds, else ``if_false()``: two trees of one structure.
+    ``condition`` may be a Python bool eagerly (see :func:`decided`).
 
     Eager, the host reads the condition and runs only the branch taken (an optimiser's occasional
     work, an eigendecomposition or a line-search trip, costs nothing on the other steps). Traced

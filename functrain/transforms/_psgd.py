@@ -372,7 +372,7 @@ def scale_by_psgd_kron(
         else:
             probability = torch.as_tensor(preconditioner_update_probability, dtype=torch.float64)
         updates_due = state.updates_due + probability.to(state.updates_due.device)
-        refit, first = hoist(updates_due.floor() > state.updates_due.floor(), count == 1)
+        refit, first = _tree.decided(*hoist(updates_due.floor() > state.updates_due.floor(), count == 1))
 
         def step(g, m, key, qs, lbs):
             shape, kinds = layout(tuple(g.shape))

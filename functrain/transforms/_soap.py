@@ -273,7 +273,7 @@ def scale_by_soap(
         refreshes = state.refreshes + 1 / precondition_frequency
         # HeavyBall refreshes when the running sum passes an integer (so 1/10 summed ten times, which
         # is 0.999..., refreshes at step 11): the same float64 sum here.
-        refresh, first = hoist(refreshes.floor() > state.refreshes.floor(), count == 1)
+        refresh, first = _tree.decided(*hoist(refreshes.floor() > state.refreshes.floor(), count == 1))
 
         def step(g, m, v, gg, q):
             shape, active = layout(tuple(g.shape))
