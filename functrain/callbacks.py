@@ -10,7 +10,8 @@ values reach callbacks in ``on_log`` / ``on_eval_end``, already read back by the
 
 Built-ins: :class:`ProgressBar` (tqdm), :class:`TensorBoard`, :class:`JSONLogger`,
 :class:`Checkpoint` (periodic and best, keeping the last K), :class:`EarlyStopping`,
-:class:`StopOnNonFinite`, :class:`Profiler` (torch.profiler traces).
+:class:`StopOnNonFinite`, :class:`Throughput` (samples/s, tokens/s, MFU, peak memory),
+:class:`Profiler` (torch.profiler traces).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import json
 import math
 import os
 import socket
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +63,8 @@ class Callback:
 
     #: Run only on rank 0 in data-parallel training (progress bars, logs); the loop skips it elsewhere.
     main_process_only: bool = False
+    #: Adds entries to ``loop.logs`` in ``on_log``: the loop runs such callbacks before the others.
+    provides_logs: bool = False
 
     def on_fit_start(self, loop: Loop) -> Any: ...
 
@@ -517,7 +522,7 @@ class ProgressBar(Callback):
 
     def on_log(self, loop: Loop) -> None:
         if self.bar is not None:
-            shown = {k: v for k, v in loop.logs.items() if k == "lr" or "loss" in k}
+            shown = {k: v for k, v in loop.logs.items() if k == "lr" or "loss" in k or k in _RATES}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def on_epoch_start(self, loop: Loop) -> None:
@@ -527,6 +532,198 @@ class ProgressBar(Callback):
     def on_fit_end(self, loop: Loop) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+_RATES = ("samples_per_s", "tokens_per_s", "mfu")  # Throughput's entries the progress bar shows
+
+
+def count_flops(step: Callable[[Any, Any], Any], state: Any, batch: Any) -> int:
+    """The floating-point operations of one ``step(state, batch)``, counted by
+    ``torch.utils.flop_counter.FlopCounterMode``: matrix products, convolutions and attention,
+    forward and backward (what MFU counts; elementwise work, the optimiser's included, counts 0).
+
+    The step runs once more for the count, eagerly (a compiled step under
+    ``torch.compiler.set_stance("force_eager")``, as the counter sees only eager ops), on a copy of
+    the state, so an in-place step leaves ``state`` untouched, and with the random number generators
+    restored afterwards, so the training that follows is unchanged. Under ``torch.distributed``
+    every rank must call it: the step's collectives run too.
+
+    Args:
+        step: a train step, e.g. from :func:`~functrain.make_train_step` (compiled or not).
+        state: a state the step accepts.
+        batch: a batch the step accepts; its shapes decide the count.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> model = torch.nn.Linear(32, 10, bias=False)
+        >>> step = ft.make_train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), ft.sgd(0.1))
+        >>> batch = (torch.randn(16, 32), torch.randn(16, 10))
+        >>> state = ft.TrainState.create(model, ft.sgd(0.1))
+        >>> ft.callbacks.count_flops(step, state, batch)  # 2*16*32*10 forward, as many for the weight's gradient
+        20480
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    copy = _tree.map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, state)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
+        with FlopCounterMode(display=False) as counter:
+            step(copy, batch)
+    return int(counter.get_total_flops())
+
+
+def _leading_size(batch: Any) -> int:
+    """The samples in a batch: the size of its first tensor's first dimension."""
+    for leaf in _tree.leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.ndim > 0:
+            return leaf.shape[0]
+    raise ValueError(
+        "Throughput: cannot tell how many samples the batch holds (it has no tensor with a dimension); "
+        "pass samples=lambda batch: <its batch size>"
+    )
+
+
+class Throughput(Callback):
+    """Samples/s, tokens/s, achieved FLOP/s, MFU and peak memory, added to each log.
+
+    Rates are measured between logs: each log already waits for the device (it reads the running
+    means back), so the time from one log to the next is the device's time for those steps, with no
+    sync of its own. Every entry lands in ``loop.logs`` (so in ``history``, the progress bar, JSONL
+    and TensorBoard): ``samples_per_s``, ``tokens_per_s`` (with ``tokens=``), ``flops_per_s`` and
+    ``mfu`` (with ``step=`` or ``flops_per_step=``; ``mfu`` with ``peak_flops=`` too), and the peak
+    memory: ``max_memory_gib`` (the CUDA caching allocator's peak since the last log) or, on the
+    CPU, ``max_rss_gib`` (the process's peak resident memory so far).
+
+    The first step of a fit (compilation, warm-up) is not counted, and an interval with an
+    evaluation in it restarts at the evaluation's end. Under ``torch.distributed`` the samples,
+    tokens and FLOP/s are the whole job's (each rank's times the world size: ranks train equal
+    batches), ``mfu`` is per device; the callback runs on every rank (``count_flops`` runs the step's
+    collectives), rank 0's progress bar and loggers show it.
+
+    Args:
+        samples: ``samples(batch) -> int``; default: the size of the batch's first tensor's first
+            dimension. It should read shapes only: reading values would sync every step.
+        tokens: ``tokens(batch) -> int``, e.g. ``lambda batch: batch[0].numel()`` for a language
+            model's ``(inputs, targets)`` of shape (batch, sequence); default: no ``tokens_per_s``.
+        step: the train step, whose FLOPs :func:`count_flops` counts once, at the first step.
+        flops_per_step: the FLOPs of one step, if known (give it or ``step``, not both).
+        peak_flops: the device's peak FLOP/s for the precision trained in (e.g. 989e12 for an H100
+            SXM in bf16, dense); ``mfu`` is the achieved FLOP/s over it.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> model = torch.nn.Linear(8, 1)
+        >>> step = ft.make_train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), ft.sgd(0.1))
+        >>> data = [(torch.randn(32, 8), torch.randn(32, 1))] * 10
+        >>> _, history = ft.fit(step, ft.TrainState.create(model, ft.sgd(0.1)), data, epochs=1, log_every=5,
+        ...                     callbacks=[ft.callbacks.Throughput(step=step)], device="cpu")
+        >>> sorted(k for k in history["train"][0] if "_per_s" in k)
+        ['flops_per_s', 'samples_per_s']
+    """
+
+    provides_logs = True
+
+    def __init__(
+        self,
+        *,
+        samples: Callable[[Any], int] | None = None,
+        tokens: Callable[[Any], int] | None = None,
+        step: Callable[[Any, Any], Any] | None = None,
+        flops_per_step: int | None = None,
+        peak_flops: float | None = None,
+    ):
+        owner = "Throughput"
+        for name, value in (("samples", samples), ("tokens", tokens), ("step", step)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{owner}: {name} must be a function or None, got {type(value).__name__}: {value!r}")
+        if step is not None and flops_per_step is not None:
+            raise ValueError(f"{owner}: give step= (its FLOPs counted once) or flops_per_step=, not both")
+        if flops_per_step is not None:
+            _validate.integer(owner, "flops_per_step", flops_per_step, 1)
+        if peak_flops is not None:
+            _validate.in_range(owner, "peak_flops", peak_flops, low=0.0, low_open=True)
+            if step is None and flops_per_step is None:
+                raise ValueError(
+                    f"{owner}: peak_flops= gives MFU from the FLOPs of a step: pass step= or flops_per_step="
+                )
+        self.samples, self.tokens, self.step = samples or _leading_size, tokens, step
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self._clock: float | None = None  # starts at the end of the fit's first step
+        self._counted = loop.step  # the last step whose batch is counted
+        self._steps = self._samples = self._tokens = 0
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _count(self, loop: Loop) -> None:
+        """Counts the steps since the last count; called from every event (a log comes before the
+        step's ``on_step_end``). Host counters and shapes only."""
+        if loop.step == self._counted:
+            return
+        self._counted = loop.step
+        if self._clock is None:  # the fit's first step: compilation and warm-up, not counted
+            if self.step is not None and self.flops_per_step is None:
+                self.flops_per_step = count_flops(self.step, loop.state, self._batch(loop))
+            self._clock = time.perf_counter()
+            return
+        batch = self._batch(loop)
+        self._steps += 1
+        self._samples += self.samples(batch)
+        if self.tokens is not None:
+            self._tokens += self.tokens(batch)
+
+    @staticmethod
+    def _batch(loop: Loop) -> Any:
+        if loop.last_batch is None:
+            raise ValueError(
+                "Throughput: the loop was not given the step's batch; ft.fit passes it, a loop of your own "
+                "passes it too: loop.step_end(state, metrics, batch)"
+            )
+        return loop.last_batch
+
+    def on_step_end(self, loop: Loop) -> None:
+        self._count(loop)
+
+    def on_log(self, loop: Loop) -> None:
+        self._count(loop)
+        if self._steps == 0:
+            return  # only the warm-up step since the last log
+        now = time.perf_counter()
+        seconds, world = now - self._clock, distributed.world_size()
+        rates = {"samples_per_s": world * self._samples / seconds}
+        if self.tokens is not None:
+            rates["tokens_per_s"] = world * self._tokens / seconds
+        if self.flops_per_step is not None:
+            per_device = self.flops_per_step * self._steps / seconds
+            rates["flops_per_s"] = world * per_device
+            if self.peak_flops is not None:
+                rates["mfu"] = per_device / self.peak_flops
+        loop.logs.update({**rates, **_peak_memory()})
+        self._restart(now)
+
+    def on_eval_end(self, loop: Loop) -> None:
+        self._count(loop)
+        if self._clock is not None:
+            self._restart(time.perf_counter())  # the evaluation's time is not training time
+
+    def _restart(self, now: float) -> None:
+        self._clock, self._steps, self._samples, self._tokens = now, 0, 0, 0
+
+
+def _peak_memory() -> dict[str, float]:
+    """The CUDA allocator's peak since the last call (then reset), or else the process's peak RSS."""
+    if torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return {"max_memory_gib": peak}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {}
+    # ru_maxrss: kibibytes on Linux, bytes on macOS.
+    scale = 2**30 if os.uname().sysname == "Darwin" else 2**20
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale}
 
 
 class Profiler(Callback):

@@ -109,9 +109,12 @@ class Loop:
     chance to replace it (a callback returns a new state, e.g. with a changed learning rate, or
     ``None``). Callbacks read the progress from the loop: ``step`` (steps taken), ``epoch``
     (counted from 0), ``batch`` (steps taken in this epoch), ``state``, ``metrics`` (the last
-    step's metrics, on the device: reading them every step would sync), ``logs`` and
-    ``eval_logs`` (the last logged means, as floats) and ``history``; they call ``loop.stop(why)``
-    to end training.
+    step's metrics, on the device: reading them every step would sync), ``last_batch`` (the
+    batch the last step trained on, when the driver passes it to :meth:`step_end`: :func:`fit`
+    does), ``logs`` and ``eval_logs`` (the last logged means, as floats) and ``history``; they call
+    ``loop.stop(why)`` to end training. Callbacks that add entries to the logs
+    (``provides_logs = True``, e.g. :class:`~functrain.callbacks.Throughput`) run first, so every
+    other callback sees those entries; the others run in the order given.
 
     Args:
         callbacks: :class:`~functrain.callbacks.Callback` objects, called in order.
@@ -158,10 +161,12 @@ class Loop:
         max_steps: int | None = None,
         max_epochs: int | None = None,
     ):
-        self.callbacks = list(callbacks)
-        for cb in self.callbacks:
+        callbacks = list(callbacks)
+        for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"Loop: callbacks must be functrain.Callback objects, got {type(cb).__name__}")
+        # Those adding to loop.logs first (a stable sort), so loggers and the progress bar see their entries.
+        self.callbacks = sorted(callbacks, key=lambda cb: not cb.provides_logs)
         self.log_every = _validate.integer("Loop", "log_every", log_every, 1)
         self.eval_every = None if eval_every is None else _validate.integer("Loop", "eval_every", eval_every, 1)
         self.loader, self.evaluate_fn, self.max_steps, self.max_epochs = loader, evaluate, max_steps, max_epochs
@@ -173,6 +178,7 @@ class Loop:
         self.step = self.epoch = self.batch = 0
         self.epoch_finished = False  # true between the last batch of an epoch and the next epoch's start
         self.metrics: dict[str, Tensor] = {}
+        self.last_batch: Any = None
         self.logs: dict[str, Any] = {}
         self.eval_logs: dict[str, Any] = {}
         self.history: History = {"train": [], "eval": []}
@@ -208,9 +214,11 @@ class Loop:
         self.state, self.epoch_finished = state, False
         return self._emit("on_epoch_start")
 
-    def step_end(self, state: Any, metrics: dict[str, Tensor]) -> Any:
-        """Counts the step, adds its metrics to the running means; logs and evaluates when due."""
-        self.state, self.metrics = state, metrics
+    def step_end(self, state: Any, metrics: dict[str, Tensor], batch: Any = None) -> Any:
+        """Counts the step, adds its metrics to the running means; logs and evaluates when due.
+        ``batch``, the batch the step trained on, is kept as ``last_batch`` for callbacks that count
+        samples (:class:`~functrain.callbacks.Throughput`); nothing reads its values."""
+        self.state, self.metrics, self.last_batch = state, metrics, batch
         self.step += 1
         self.batch += 1
         self.meter.add(metrics)
@@ -549,8 +557,9 @@ def fit(
             state = loop.epoch_start(state)
         if loop.steps_per_epoch is None or loop.batch < loop.steps_per_epoch:  # else: resumed after its last step
             for batch in loop.epoch_batches():  # after a resume mid-epoch: the rest of that epoch
-                state, metrics = step(state, to_device(batch, device))
-                state = loop.step_end(state, metrics)
+                batch = to_device(batch, device)
+                state, metrics = step(state, batch)
+                state = loop.step_end(state, metrics, batch)
                 if loop.finished:
                     break
         at_epoch_end = loop.steps_per_epoch is not None and loop.batch >= loop.steps_per_epoch

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import functrain as ft
-from tests.test_loop import ShuffledLoader, make_data, make_problem
+from tests.test_loop import ShuffledLoader, assert_bitwise_equal, classification, make_data, make_problem
 
 
 def fit(step, state, loader, **kwargs):
@@ -268,3 +268,123 @@ def test_profiler_writes_a_window_training_ends_inside(tmp_path):
 def test_profiler_arguments_are_checked(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         ft.callbacks.Profiler(tmp_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------- Throughput
+
+
+def _flops_of_make_model(batch_size: int) -> int:
+    """make_model's matrix products for one step: Linear(6, 16) forward and weight gradient (the
+    inputs need no gradient), Linear(16, 3) forward, weight and input gradients."""
+    return 2 * batch_size * (2 * 6 * 16 + 3 * 16 * 3)
+
+
+class FakeClock:
+    """Stands in for time.perf_counter in functrain.callbacks: each training step takes ``step_s``,
+    each evaluation ``eval_s``, so the rates have exact expected values."""
+
+    def __init__(self, step_s: float = 0.5, eval_s: float = 10.0):
+        self.now, self.step_s, self.eval_s = 100.0, step_s, eval_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def timed(self, fn, seconds_attr):
+        def run(*args):
+            self.now += getattr(self, seconds_attr)
+            return fn(*args)
+
+        return run
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_count_flops_counts_the_matrix_products_and_leaves_training_unchanged(inplace):
+    """The count equals make_model's products; the extra step it runs touches neither the state (an
+    in-place step included) nor the random stream (dropout): training with Throughput(step=) is bitwise the
+    training without it."""
+    runs = []
+    for with_throughput in (False, True):
+        model, _, _, state, loader = make_problem()
+        tx = ft.inject_hyperparams(ft.adamw)(lr=1e-2, weight_decay=0.1)
+        step = ft.make_train_step(model, classification, tx, inplace=inplace)
+        callbacks = [ft.callbacks.Throughput(step=step)] if with_throughput else []
+        torch.manual_seed(0)
+        runs.append(fit(step, state, loader, epochs=2, callbacks=callbacks))
+    (plain, _), (measured, history) = runs
+    assert_bitwise_equal(plain, measured)
+    # 8 samples per step, FLOPs per step as counted by hand: the achieved FLOP/s is that many per sample
+    for record in history["train"]:
+        assert record["flops_per_s"] / record["samples_per_s"] == pytest.approx(_flops_of_make_model(8) / 8)
+
+
+def test_throughput_rates_come_from_the_time_between_logs(monkeypatch):
+    """With each step taking 0.5 s: 8 samples / 0.5 s, 6 tokens a sample, FLOPs and MFU exactly; the first
+    step (compilation) and the evaluations' time are not counted."""
+    clock = FakeClock()
+    monkeypatch.setattr(ft.callbacks.time, "perf_counter", clock)
+    _, step, evaluate, state, loader = make_problem()
+    peak = 1e5
+    throughput = ft.callbacks.Throughput(
+        tokens=lambda batch: batch[0].numel(), flops_per_step=_flops_of_make_model(8), peak_flops=peak
+    )
+    _, history = fit(
+        clock.timed(step, "step_s"), state, loader, epochs=2, log_every=2, callbacks=[throughput],
+        eval_step=clock.timed(evaluate, "eval_s"), eval_loader=[make_data(n=8, seed=5)], eval_every=3,
+    )  # fmt: skip
+    # logs at steps 2, 4, 5 (epoch end), 6, 8, 10: step 1 is the warm-up; evaluations at 3, 5 (epoch end), 6, 9, 10
+    assert [r["step"] for r in history["train"]] == [2, 4, 5, 6, 8, 10]
+    for record in history["train"]:
+        assert record["samples_per_s"] == pytest.approx(8 / 0.5)
+        assert record["tokens_per_s"] == pytest.approx(8 * 6 / 0.5)
+        assert record["flops_per_s"] == pytest.approx(_flops_of_make_model(8) / 0.5)
+        assert record["mfu"] == pytest.approx(_flops_of_make_model(8) / 0.5 / peak)
+        assert record["max_rss_gib"] > 0
+
+
+def test_throughput_entries_reach_the_loggers_and_the_progress_bar_in_any_order(tmp_path, capsys):
+    """Listed after the JSONL logger and the progress bar, Throughput still runs first at each log."""
+    pytest.importorskip("tqdm")
+    _, step, _, state, loader = make_problem()
+    callbacks = [ft.callbacks.JSONLogger(tmp_path / "log.jsonl"), ft.callbacks.ProgressBar(disable=False)]
+    _, history = fit(step, state, loader, epochs=2, callbacks=[*callbacks, ft.callbacks.Throughput()])
+    records = [r for r in read_jsonl(tmp_path / "log.jsonl") if r["split"] == "train"]
+    assert [r["samples_per_s"] for r in records[1:]] == [r["samples_per_s"] for r in history["train"][1:]]
+    assert "samples_per_s=" in capsys.readouterr().err
+
+
+def test_throughput_needs_the_batch_from_a_loop_of_your_own():
+    _, step, _, state, loader = make_problem()
+    loop = ft.Loop([ft.callbacks.Throughput()], log_every=2)
+    state = loop.fit_start(state)
+    for batch in loader:
+        state, metrics = step(state, batch)
+        if loop.step == 1:
+            with pytest.raises(ValueError, match=r"loop.step_end\(state, metrics, batch\)"):
+                loop.step_end(state, metrics)
+            break
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"samples": 8}, TypeError, "Throughput: samples must be a function or None"),
+        ({"step": lambda s, b: (s, {}), "flops_per_step": 10}, ValueError, "give step= .* or flops_per_step="),
+        ({"flops_per_step": 0}, ValueError, "Throughput: flops_per_step must be an int >= 1"),
+        ({"flops_per_step": 10, "peak_flops": 0.0}, ValueError, "Throughput: peak_flops must be > 0"),
+        ({"peak_flops": 1e12}, ValueError, "peak_flops= gives MFU .* pass step= or flops_per_step="),
+    ],
+)
+def test_throughput_arguments_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ft.callbacks.Throughput(**kwargs)
+
+
+@pytest.mark.slow
+def test_count_flops_counts_a_compiled_step_as_its_eager_twin():
+    """FlopCounterMode sees only eager ops: a compiled step is counted under set_stance("force_eager")."""
+    model, _, _, state, loader = make_problem()
+    tx = ft.inject_hyperparams(ft.adamw)(lr=1e-2, weight_decay=0.1)
+    step = ft.make_train_step(model, classification, tx, compile=True)
+    batch = next(iter(loader))
+    state, _ = step(state, batch)  # compiled here, as in a fit
+    assert ft.callbacks.count_flops(step, state, batch) == _flops_of_make_model(8)
