@@ -812,3 +812,5 @@ class Profiler(Callback):
             # at the last step's end, is empty.
             self.profiler.stop()
             self.profiler = None
+
+from .trackers import MLflow as MLflow, WandB as WandB  # noqa: E402  (optional extras: imported lazily inside)
