@@ -25,6 +25,7 @@ Updates = Any
 OptState = Any
 """A pytree (usually a NamedTuple) of tensors: everything an optimiser carries between steps."""
 Schedule = Callable[[Tensor], Tensor]
+LeafNames = Callable[[Any], frozenset]  # params -> the dotted names of some of their leaves
 """Maps the 0-d int64 step count (updates done so far) to a 0-d tensor value."""
 Hyperparameter = Union[float, Tensor, Schedule]  # noqa: UP007 - a runtime alias, py3.10-safe
 """A python number, a 0-d tensor, or a :data:`Schedule` of the step count."""
@@ -66,11 +67,29 @@ class GradientTransformation(NamedTuple):
     their tensors; with ``donate=False`` it must leave its inputs as they were. Combinators and
     wrappers pass a fast path on where they can and set ``None`` where they cannot. Call it
     through :func:`update_and_apply`, which supplies the reference when the field is ``None``.
+
+    Two optional declarations tell a training step which parameters it need not differentiate.
+    Each maps the params to a frozenset of leaf names (the dotted names of :func:`partition`'s
+    groups); ``None`` (the default) declares nothing:
+
+    - ``frozen``: the leaves whose update is an exact zero, ``-0.0`` (``p + -0.0`` is ``p`` bit
+      for bit, ``-0.0`` included), whatever the gradients, and whose gradients nothing in the
+      transformation reads (:func:`~functrain.set_to_zero` freezes every leaf it is given);
+    - ``passes``: the leaves whose update is the incoming one unchanged, read by nothing else (no
+      state, no norm over leaves: :func:`~functrain.masked`'s unselected leaves).
+
+    ``partition``, ``masked``, ``freeze``, ``chain`` and ``named_chain`` compose them (a chain
+    freezes a leaf that each part freezes or passes and one at least freezes). A step built with
+    :func:`~functrain.make_train_step` does not differentiate the frozen parameters at all (the
+    backward through a frozen backbone never runs) and gives the transformation zeros in place of
+    their gradients, which the declaration makes equal to the reference.
     """
 
     init: TransformInitFn
     update: TransformUpdateFn
     update_and_apply: UpdateAndApplyFn | None = None
+    frozen: LeafNames | None = None
+    passes: LeafNames | None = None
 
 
 _S = TypeVar("_S", bound=type)

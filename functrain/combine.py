@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple, Union
 
-import torch
 from torch import Tensor
 
 from . import _tree
@@ -65,7 +64,31 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return params, (*head, last)
 
     offered = bool(transforms) and transforms[-1].update_and_apply is not None
-    return GradientTransformation(init, update, update_and_apply_last if offered else None)
+    return GradientTransformation(
+        init, update, update_and_apply_last if offered else None, *_chained_declarations(transforms)
+    )
+
+
+def _chained_declarations(transforms) -> tuple[Callable | None, Callable | None]:
+    """A chain's ``frozen`` and ``passes`` (see GradientTransformation): a leaf that every part
+    freezes or passes, and one at least freezes, is frozen (a part that passes it keeps no state
+    for it, and a part after the one that zeroes it gets zeros whatever the gradient); one that
+    every part passes is passed."""
+    transforms = list(transforms)
+    if not transforms or any(tx.frozen is None and tx.passes is None for tx in transforms):
+        return None, None
+
+    def declared(tx, params) -> tuple[frozenset, frozenset]:
+        return (tx.frozen(params) if tx.frozen else frozenset()), (tx.passes(params) if tx.passes else frozenset())
+
+    def frozen(params) -> frozenset:
+        parts = [declared(tx, params) for tx in transforms]
+        return frozenset.intersection(*(f | p for f, p in parts)) & frozenset.union(*(f for f, _ in parts))
+
+    def passes(params) -> frozenset:
+        return frozenset.intersection(*(declared(tx, params)[1] for tx in transforms))
+
+    return frozen, passes
 
 
 def _update_through(transforms, updates, states, params, extra) -> tuple[Any, tuple]:
@@ -149,7 +172,9 @@ def named_chain(
         return params, {**dict(zip(head, new_states)), last: last_state}
 
     offered = bool(named) and list(named.values())[-1].update_and_apply is not None
-    return GradientTransformation(init, update, update_and_apply_last if offered else None)
+    return GradientTransformation(
+        init, update, update_and_apply_last if offered else None, *_chained_declarations(named.values())
+    )
 
 
 @register_state
@@ -277,8 +302,20 @@ def partition(transforms: dict[Hashable, GradientTransformation], labels: Labels
             )
         return _tree.ungroup(new_params, assigned, params), PartitionState(new_states)
 
+    def declared(field: str) -> Callable | None:
+        # Each group's transform sees only its own leaves: what it declares holds in the whole tree.
+        declaring = {label: getattr(tx, field) for label, tx in transforms.items() if getattr(tx, field) is not None}
+
+        def names(params) -> frozenset:
+            groups = _tree.group_by_label(params, label_of_each(params), transforms)
+            return frozenset().union(*(of(groups[label]) for label, of in declaring.items()))
+
+        return names if declaring else None
+
     offered = any(tx.update_and_apply is not None for tx in transforms.values())
-    return GradientTransformation(init, update, update_and_apply_groups if offered else None)
+    return GradientTransformation(
+        init, update, update_and_apply_groups if offered else None, declared("frozen"), declared("passes")
+    )
 
 
 def set_to_zero() -> GradientTransformation:
@@ -288,17 +325,29 @@ def set_to_zero() -> GradientTransformation:
     first group, and holds no optimiser state for the second. ``set_to_zero`` zeroes *every*
     update it sees; to zero only some leaves of a tree and pass the others on, use :func:`freeze`.
 
+    The zeros are negative, ``-0.0``: ``p + -0.0`` is ``p`` bit for bit (``p + 0.0`` would turn a
+    ``-0.0`` parameter into ``0.0``), so a frozen parameter is exactly unchanged, and the fast path
+    (``update_and_apply``) returns the parameters as they are, with no pass over them. It declares
+    its leaves ``frozen``: :func:`~functrain.make_train_step` does not differentiate them.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.set_to_zero()
         >>> tx.update({"w": torch.ones(2)}, tx.init({"w": torch.ones(2)}))
-        ({'w': tensor([0., 0.])}, EmptyState())
+        ({'w': tensor([-0., -0.])}, EmptyState())
     """
 
     def update(updates, state, params=None, **extra):
-        return _tree.map(torch.zeros_like, updates), state
+        return _tree.full_like(updates, -0.0), state
 
-    return GradientTransformation(empty_init, update)
+    def update_and_apply_nothing(updates, state, params, *, donate=False, **extra):
+        _tree.check_same_structure(updates, params, "set_to_zero: updates", "params")
+        return params, state  # p + -0.0 is p: the same tensors, donated or not
+
+    def frozen(params) -> frozenset[str]:
+        return frozenset(name for name, _ in _tree.named_leaves(params))
+
+    return GradientTransformation(empty_init, update, update_and_apply_nothing, frozen=frozen)
 
 
 @register_state
@@ -366,8 +415,22 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         others = apply_updates_to(grouped_params[False], grouped_updates[False], donate=donate)
         return _tree.ungroup({True: selected, False: others}, assigned, params), MaskedState(inner_state)
 
+    def selected(params) -> dict[str, Tensor]:
+        return _tree.group_by_label(params, mask_of_each(params), (True, False))[True]
+
+    def frozen(params) -> frozenset[str]:
+        return inner.frozen(selected(params))
+
+    def passes(params) -> frozenset[str]:
+        # The unselected leaves pass through unchanged, and reach nothing else.
+        chosen = selected(params)
+        inner_passes = inner.passes(chosen) if inner.passes is not None else frozenset()
+        return frozenset(name for name, _ in _tree.named_leaves(params) if name not in chosen) | inner_passes
+
     offered = inner.update_and_apply is not None
-    return GradientTransformation(init, update, update_and_apply_selected if offered else None)
+    return GradientTransformation(
+        init, update, update_and_apply_selected if offered else None, frozen if inner.frozen else None, passes
+    )
 
 
 def freeze(mask: Mask) -> GradientTransformation:
@@ -384,12 +447,20 @@ def freeze(mask: Mask) -> GradientTransformation:
     For no state on frozen leaves, write ``chain(masked(ft.adamw(), trainable), freeze(frozen))``
     or ``partition({"train": ft.adamw(), "frozen": set_to_zero()}, labels)``.
 
+    Those two forms, and ``freeze`` alone, declare the frozen leaves (``GradientTransformation.frozen``):
+    :func:`~functrain.make_train_step` then does not differentiate them, as if they had
+    ``requires_grad=False``, and the frozen params come back bit for bit as they were. A chain
+    declares a leaf frozen only when each of its parts freezes or passes it: in
+    ``chain(ft.clip_by_global_norm(1.0), partition(...))`` the frozen gradients count in the norm,
+    so every parameter is differentiated; clip inside the trained group instead,
+    ``partition({"train": chain(ft.clip_by_global_norm(1.0), ft.adamw()), "frozen": set_to_zero()}, labels)``.
+
     Example:
         >>> import torch, functrain as ft
         >>> params = {"backbone.w": torch.ones(2), "head.w": torch.ones(2)}
         >>> tx = ft.freeze(lambda name, p: name.startswith("backbone"))
         >>> updates, state = tx.update({"backbone.w": torch.ones(2), "head.w": torch.ones(2)}, tx.init(params))
-        >>> updates
-        {'backbone.w': tensor([0., 0.]), 'head.w': tensor([1., 1.])}
+        >>> updates  # -0.0: p + -0.0 is p, bit for bit
+        {'backbone.w': tensor([-0., -0.]), 'head.w': tensor([1., 1.])}
     """
     return masked(set_to_zero(), mask)

@@ -377,9 +377,21 @@ def make_train_step(
         scaled = loss if loss_scale is None else loss * loss_scale
         return scaled, (loss.detach(), metrics)
 
-    functorch_grad_and_loss = torch.func.grad_and_value(loss_for_grad, has_aux=True)
+    def loss_of_trained(trained, params, buffers, batch, loss_scale):
+        return loss_for_grad({k: trained.get(k, p) for k, p in params.items()}, buffers, batch, loss_scale)
 
-    def autograd_grad_and_loss(params, buffers, batch, loss_scale):
+    functorch_grad_of_trained = torch.func.grad_and_value(loss_of_trained, has_aux=True)
+
+    def functorch_grad_and_loss(params, buffers, batch, loss_scale, frozen):
+        """The gradient of the scaled loss with respect to the params not in ``frozen`` (zeros for
+        those), and the scaled loss, the loss and the metrics, by ``torch.func.grad_and_value``."""
+        trained = {k: p for k, p in params.items() if k not in frozen}
+        # Everything the loss reads is an argument: functorch refuses in-place writes (BatchNorm's
+        # running statistics) to tensors a transformed function captures.
+        grads, out = functorch_grad_of_trained(trained, params, buffers, batch, loss_scale)
+        return {k: grads[k] if k in grads else _frozen_gradient(p) for k, p in params.items()}, out
+
+    def autograd_grad_and_loss(params, buffers, batch, loss_scale, frozen):
         """The same as ``functorch_grad_and_loss``, by ``torch.autograd.grad`` on detached leaves:
         in plain eager mode it skips functorch's per-op wrapping; compiled, dynamo traces it when
         told to (see ``_CompiledStep``), which also runs where functorch's backward fails (bf16
@@ -388,34 +400,42 @@ def make_train_step(
         Sharded (``mesh``), each parameter is gathered where the model runs (``functrain._sharding``:
         eager, block by block as each block runs; compiled, all before the forward pass), the
         gradients come back as shards like the params', and loss and metrics are averaged over the
-        ranks."""
+        ranks. Parameters in ``frozen`` are not differentiated: their gradients are zeros."""
         leaves, spec = _tree.flatten(params)
-        inputs = [p.detach().requires_grad_() for p in leaves]
+        trained = [name not in frozen for name, _ in _tree.named_leaves(params)]
+        inputs = [p.detach().requires_grad_(t) for p, t in zip(leaves, trained)]
+        differentiated = [x for x, t in zip(inputs, trained) if t]
         with torch.enable_grad():
             run = functools.partial(loss_for_grad, buffers=buffers, batch=batch, loss_scale=loss_scale)
             used = _tree.unflatten(inputs, spec)
             scaled, (loss, metrics) = run(used) if mesh is None else _sharding.run_gathered(run, forward.model, used)
-            _check_differentiable(scaled, bool(inputs))
+            _check_differentiable(scaled, bool(differentiated))
             # Sharded, each rank's loss is the mean over its own part of the batch and the gather's
             # backward sums gradients over ranks, so 1/N of each is the gradient of the mean over ranks.
-            grads = torch.autograd.grad(scaled if mesh is None else scaled / mesh.size(), inputs, allow_unused=True)
+            to_differentiate = scaled if mesh is None else scaled / mesh.size()
+            found = iter(
+                torch.autograd.grad(to_differentiate, differentiated, allow_unused=True) if differentiated else ()
+            )
+            grads = [next(found) if t else _frozen_gradient(p) for p, t in zip(inputs, trained)]
         metrics = {k: v.detach() for k, v in metrics.items()}
-        if mesh is None:
+        if mesh is None:  # None: a parameter the loss does not use
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)]
         else:
             grads = [_sharding.like_param(g, p) for g, p in zip(grads, inputs)]
             loss, metrics = _sharding.mean_metrics(loss, metrics, mesh)
         return _tree.unflatten(grads, spec), (scaled.detach(), (loss, metrics))
 
-    def gradients(params, buffers, batch, loss_scale, traced_autograd):
+    def gradients(params, buffers, batch, loss_scale, traced_autograd, frozen):
         """The gradient (of the scaled loss), the mean loss and each microbatch's metrics at ``params``.
         ``torch.func`` differentiates wherever the step is itself transformed (vmapped, differentiated)
-        or compiled without ``traced_autograd``; ``torch.autograd.grad`` everywhere else."""
+        or compiled without ``traced_autograd``; ``torch.autograd.grad`` everywhere else. The params
+        ``tx`` declares ``frozen`` are not differentiated (their backward is never run): zeros stand in
+        for their gradients, which ``tx`` does not read."""
         by_autograd = mesh is not None or traced_autograd or _tree.fast_path_ok(_tree.leaves(params))
         differentiate = autograd_grad_and_loss if by_autograd else functorch_grad_and_loss
         grads, losses, metrics = None, [], []
         for part in _microbatches("train step", batch, microbatches):
-            part_grads, (_, (loss, part_metrics)) = differentiate(params, buffers, part, loss_scale)
+            part_grads, (_, (loss, part_metrics)) = differentiate(params, buffers, part, loss_scale, frozen)
             grads = part_grads if grads is None else _tree.add(grads, part_grads)
             losses.append(loss)
             metrics.append(part_metrics)
@@ -433,7 +453,8 @@ def make_train_step(
         # functional_call lets BatchNorm write its running statistics into the buffers it is
         # given; a pure step hands it copies, an in-place step the state's own tensors.
         buffers = state.buffers if inplace else {k: b.clone() for k, b in state.buffers.items()}
-        grads, loss, metrics = gradients(state.params, buffers, batch, loss_scale, traced_autograd)
+        frozen = frozenset() if tx.frozen is None else tx.frozen(state.params)
+        grads, loss, metrics = gradients(state.params, buffers, batch, loss_scale, traced_autograd, frozen)
         if reduce_buffers is not None:
             buffers = reduce_buffers(buffers)
 
@@ -441,7 +462,7 @@ def make_train_step(
             """The loss on this batch and its gradient at other ``params`` (a line search's or SAM's
             second evaluation): unscaled, and on copies of the buffers, whose updates are dropped."""
             other_buffers = {k: b.clone() for k, b in buffers.items()}
-            other_grads, other_loss, _ = gradients(params, other_buffers, batch, None, traced_autograd)
+            other_grads, other_loss, _ = gradients(params, other_buffers, batch, None, traced_autograd, frozen)
             return other_loss, other_grads
 
         # An eager in-place step gives its state up to the optimiser (it is overwritten with the
@@ -491,6 +512,15 @@ def _rng_untouched(params: Params):
     same numbers as the run it continues."""
     devices = sorted({p.device.index or 0 for p in _tree.leaves(params) if p.device.type == "cuda"})
     return torch.random.fork_rng(devices=devices)
+
+
+def _frozen_gradient(p: Tensor) -> Tensor:
+    """What stands in for the gradient of a parameter ``tx`` declares frozen, which nothing reads:
+    zeros, one element broadcast to ``p``'s shape (no memory, no pass over it); a DTensor's zeros
+    are sharded like it."""
+    if _sharding.is_dtensor(p):
+        return torch.zeros_like(p)
+    return p.new_zeros(()).expand(p.shape)
 
 
 def _check_differentiable(loss: Tensor, has_params: bool) -> None:
