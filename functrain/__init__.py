@@ -82,6 +82,7 @@ from .step import (
     make_train_step as make_train_step,
     stack_states as stack_states,
     unstack_states as unstack_states,
+    vmap as vmap,
 )
 from .transforms import clip as clip, clip_by_global_norm as clip_by_global_norm, reduce_on_plateau as reduce_on_plateau
 from .wrappers import (
@@ -189,5 +190,6 @@ __all__ = [
     "stack_states",
     "transforms",
     "unstack_states",
+    "vmap",
     "update_and_apply",
 ]

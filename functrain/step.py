@@ -646,7 +646,9 @@ def _checked(
     def compiled(f: Callable | None) -> Callable | None:
         return None if f is None else torch.compile(_with_own_code(f), **options)
 
-    return _CompiledStep(compiled(fn if transformable else None), compiled(autograd_fn), pure_eager, first_call)
+    step = _CompiledStep(compiled(fn if transformable else None), compiled(autograd_fn), pure_eager, first_call)
+    step._vmappable = (fn if transformable else None), options  # for ft.vmap: compiles the vmapped step
+    return step
 
 
 _CUDA_NOTICE = "No CUDA runtime is found"
@@ -716,6 +718,7 @@ class _CompiledStep:
         self._transformable, self._by_autograd = transformable, by_autograd
         self._pure_eager, self._first_call = pure_eager, first_call
         self._checked = False
+        self._vmappable: tuple[Callable | None, dict[str, Any]] = (None, {})
         self._trace_autograd = torch._dynamo.config.patch(trace_autograd_ops=True)  # entered per call, never global
         functools.update_wrapper(self, pure_eager)
 
@@ -736,9 +739,67 @@ class _CompiledStep:
             return self._transformable(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise
+        except torch._dynamo.exc.Unsupported as error:
+            if transformed and "functorch" in str(error):
+                raise TypeError(_COMPILED_INSIDE_A_TRANSFORM) from error
+            self._pure_eager(*args, **kwargs)  # raises the eager step's own error, chained to the compiler's
+            raise
         except Exception:
             self._pure_eager(*args, **kwargs)  # raises the eager step's own error, chained to the compiler's
             raise
+
+
+_COMPILED_INSIDE_A_TRANSFORM = (
+    "a compiled step cannot run inside torch.func.vmap (or another torch.func transform) called from eager "
+    "code: dynamo cannot trace a call made under a transform (pytorch #128711). For ensembles and sweeps, "
+    "ft.vmap(step, in_dims=(0, 0)) compiles the vmapped step as one graph; or vmap the step built with "
+    "compile=False and compile the result: torch.compile(torch.func.vmap(step, in_dims=...), fullgraph=True)"
+)
+
+
+def vmap(step: Callable, in_dims: Any = 0, *, randomness: str = "error") -> Callable:
+    """``torch.func.vmap`` of a train or eval step: K models (a stacked state, see
+    :func:`stack_states`) trained in one call, each on its own batch (``in_dims=(0, 0)``) or all on
+    the same one (``in_dims=(0, None)``). A step built with ``compile=...`` gives the vmapped step
+    compiled as one graph, with the step's own ``torch.compile`` options: ``torch.func.vmap`` of a
+    compiled step cannot run (dynamo does not trace a call made under vmap), so this is the way to
+    vmap it. An eager step gives ``torch.func.vmap(step, ...)`` as it is.
+
+    The vmapped step runs the ``torch.func`` route (``torch.func.grad``) and each model's numbers
+    equal its own step's to rounding (batched matrix products sum in another order).
+
+    Args:
+        step: from :func:`make_train_step` or :func:`make_eval_step` (compiled or not); not sharded.
+        in_dims: as ``torch.func.vmap``'s: ``(0, 0)`` stacked states and stacked batches,
+            ``(0, None)`` stacked states and one batch for all.
+        randomness: as ``torch.func.vmap``'s: ``"error"`` (the default: a model with dropout must
+            choose), ``"different"`` (independent draws per model) or ``"same"``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, functrain as ft
+        >>> model, tx = torch.nn.Linear(4, 1), ft.adamw(1e-2)
+        >>> step = ft.make_train_step(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), tx)  # compile=True: the same
+        >>> states = ft.stack_states([ft.TrainState.create(torch.nn.Linear(4, 1), tx) for _ in range(10)])
+        >>> batches = (torch.randn(10, 8, 4), torch.randn(10, 8, 1))  # one batch of 8 per model
+        >>> states, metrics = ft.vmap(step, in_dims=(0, 0))(states, batches)
+        >>> metrics["loss"].shape, states.params["weight"].shape
+        (torch.Size([10]), torch.Size([10, 1, 4]))
+    """
+    _validate.one_of("vmap", "randomness", randomness, ("error", "different", "same"))
+    if not isinstance(step, _CompiledStep):
+        if not callable(step):
+            raise TypeError(f"vmap: step must be a step from make_train_step or make_eval_step, got {step!r}")
+        return torch.func.vmap(step, in_dims=in_dims, randomness=randomness)
+    fn, options = step._vmappable
+    if fn is None:
+        raise TypeError("vmap: a sharded step (mesh=...) cannot be vmapped: torch.func does not run on DTensor")
+
+    def vmapped(*args: Any, **kwargs: Any) -> Any:  # the vmap call inside: dynamo traces it as one graph
+        return torch.func.vmap(fn, in_dims=in_dims, randomness=randomness)(*args, **kwargs)
+
+    compiled = torch.compile(_with_own_code(vmapped), **options)
+    eager = torch.func.vmap(step._pure_eager, in_dims=in_dims, randomness=randomness)
+    return _CompiledStep(compiled, None, eager, first_call=lambda *args, **kwargs: None)
 
 
 def _differentiated(args: Any, kwargs: Any) -> bool:
