@@ -363,19 +363,41 @@ def test_ensemble_tiny(impl, bench_config, time_step):
     _ensemble(impl, (32, 64, 64, 10), 32, bench_config, time_step)
 
 
-def _ensemble(impl: str, widths: tuple[int, ...], batch: int, bench_config, time_step) -> None:
+@pytest.mark.benchmark(group="ensemble-tutorial")
+@pytest.mark.parametrize("impl", ENSEMBLE)
+def test_ensemble_tutorial(impl, bench_config, time_step):
+    """PyTorch's "Model ensembling" tutorial ported to training: 10 MLPs 784-128-128-10, each on its own
+    minibatch of 64 (``in_dims=(0, 0)``), one AdamW step of all 10 per round."""
+    smoke = bench_config.smoke
+    _ensemble(
+        impl, (8, 4, 4, 3) if smoke else (784, 128, 128, 10), 8 if smoke else 64, bench_config, time_step,
+        k=10, own_batches=True,
+    )  # fmt: skip
+
+
+def _ensemble(
+    impl: str, widths: tuple[int, ...], batch: int, bench_config, time_step, k: int = ENSEMBLE_K,
+    own_batches: bool = False,
+) -> None:  # fmt: skip
+    """K models, one round steps them all; ``own_batches``: each model its own batch (else one for all)."""
     _skip_compiled_in_smoke(impl, bench_config)
     device = bench_config.device
-    k = 2 if bench_config.smoke else ENSEMBLE_K
+    k = 2 if bench_config.smoke else k
     p = Problem(lambda: mlp(widths), (widths[0],), widths[-1], batch, rounds=40)
     models = [mlp(widths, seed=i).to(device) for i in range(k)]
-    batches = make_batches(p, device)
-    tx = ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
+    if own_batches:  # round r: model i trains on batch r*k + i
+        singles = make_batches(p, device, n=4 * k)
+        batches = [tuple(torch.stack(part) for part in zip(*singles[r * k : (r + 1) * k])) for r in range(4)]
+    else:
+        batches = make_batches(p, device)
 
+    def of_model(batch, i):
+        return tuple(t[i] for t in batch) if own_batches else batch
+
+    tx = ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
     if impl.startswith("functrain-vmap"):
-        vstep = torch.func.vmap(ft.make_train_step(models[0], loss_fn, tx), in_dims=(0, None))
-        if impl.endswith("compiled"):
-            vstep = torch.compile(vstep, fullgraph=True)
+        step = ft.make_train_step(models[0], loss_fn, tx, compile=impl.endswith("compiled"))
+        vstep = ft.vmap(step, in_dims=(0, 0 if own_batches else None))
         carry = {"state": ft.stack_states([ft.TrainState.create(m, tx) for m in models])}
 
         def run(batch) -> None:
@@ -388,18 +410,66 @@ def _ensemble(impl: str, widths: tuple[int, ...], batch: int, bench_config, time
 
         def run(batch) -> None:
             for i in range(k):
-                states[i], _ = step(states[i], batch)
+                states[i], _ = step(states[i], of_model(batch, i))
 
         stepper = Stepper(run, lambda: [t for s in states for t in s.params.values()], batches)
     else:
         steppers = [torch_stepper("torch-fused", m, batches) for m in models]
 
         def run(batch) -> None:
-            for s in steppers:
-                s._step(batch)
+            for i, s in enumerate(steppers):
+                s._step(of_model(batch, i))
 
         stepper = Stepper(run, lambda: [t for m in models for t in m.parameters()], batches)
     time_step(stepper, rounds=p.rounds, n_params=k * _n_params(models[0]), k=k, batch=batch, impl=impl)
+    stepper.check()
+
+
+# ----------------------------------------------------------------------------- a frozen backbone
+
+FROZEN = (
+    "functrain-partition-frozen",
+    "functrain-requires-grad-false",
+    "functrain-partition-undeclared",
+    "torch-foreach",
+)
+
+
+@pytest.mark.benchmark(group="resnet18-frozen-step")
+@pytest.mark.parametrize("impl", FROZEN)
+def test_resnet18_frozen_backbone_step(impl, bench_config, time_step):
+    """Fine-tuning resnet18's head alone (32x32, batch 32, AdamW on ``fc``), eager. ``partition-frozen``:
+    ``ft.partition({"train": adamw, "frozen": ft.set_to_zero()}, labels)``, which declares the backbone
+    frozen, so the step does not differentiate it; ``partition-undeclared``: the same transform with its
+    declarations dropped (the backbone's full backward, what the issue measured); ``requires-grad-false``:
+    the backbone's parameters ``requires_grad_(False)`` (not in the state at all), the reference;
+    ``torch-foreach``: the same in ``loss.backward(); opt.step()``."""
+    if bench_config.smoke and impl != "functrain-partition-frozen":
+        pytest.skip("11M parameters: at --bench-scale smoke only one entry checks the group's code")
+    p = problem("resnet18-32-step", bench_config.smoke)
+    model = p.make_model().to(bench_config.device)
+    batches = make_batches(p, bench_config.device)
+
+    def head(name, _):
+        return "train" if name.startswith("fc.") else "frozen"
+
+    if impl in ("functrain-requires-grad-false", "torch-foreach"):
+        for name, param in model.named_parameters():
+            param.requires_grad_(head(name, param) == "train")
+        stepper = functrain_stepper("functrain-eager", model, batches) if impl.startswith("functrain") else None
+        stepper = stepper or torch_stepper(impl, model, batches)
+    else:
+        tx = ft.partition({"train": ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY), "frozen": ft.set_to_zero()}, head)
+        if impl.endswith("undeclared"):
+            tx = ft.GradientTransformation(tx.init, tx.update, tx.update_and_apply)
+        step = ft.make_train_step(model, loss_fn, tx)
+        carry = {"state": ft.TrainState.create(model, tx)}
+
+        def run(batch) -> None:
+            carry["state"], _ = step(carry["state"], batch)
+
+        stepper = Stepper(run, lambda: list(carry["state"].params.values()), batches)
+    time_step(stepper, rounds=p.rounds, n_params=_n_params(model), batch=p.batch, impl=impl)
     stepper.check()
 
 

@@ -49,6 +49,8 @@ DEFAULT_BASELINES: dict[str, str | tuple[str, ...]] = {
     "gpt-step": BEST_TORCH_EAGER,
     "ensemble": "functrain-sequential-compiled",
     "ensemble-tiny": "functrain-sequential-compiled",
+    "ensemble-tutorial": "functrain-sequential-compiled",
+    "resnet18-frozen-step": "functrain-requires-grad-false",
     "step-memory": "torch-foreach",
 }
 FALLBACK_BASELINE = "torch-foreach"
@@ -60,6 +62,8 @@ STEP_GROUPS = (
     "gpt-step",
     "ensemble",
     "ensemble-tiny",
+    "ensemble-tutorial",
+    "resnet18-frozen-step",
     "compile-time",
     "step-recompiles",
     "step-memory",
@@ -98,6 +102,9 @@ TARGETS = (
     Target("step-memory", "functrain-compiled-inplace", 1.05, True, "peak memory, compiled in-place step"),
     Target("ensemble", "functrain-vmap-compiled", 3.0, False, "K=16 vmapped compiled step"),
     Target("ensemble-tiny", "functrain-vmap-compiled", 3.0, False, "K=16 vmapped compiled step (tiny MLPs)"),
+    # issue 19: the ported ensembling tutorial, and freezing through the optimiser
+    Target("ensemble-tutorial", "functrain-vmap-compiled", 1.5, False, "10 MLPs of the ensembling tutorial, vmapped"),
+    Target("resnet18-frozen-step", "functrain-partition-frozen", 1.1, True, "frozen backbone via partition"),
 )
 
 

@@ -384,9 +384,11 @@ def test_fit_moves_state_and_batches_to_the_device(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fit_on_cuda_from_a_cpu_state_syncs_once_per_log():
+@pytest.mark.parametrize("throughput", [False, True])
+def test_fit_on_cuda_from_a_cpu_state_syncs_once_per_log(throughput):
     """On a GPU: the state moves to CUDA, the result matches the CPU run, and torch's sync debug mode sees at
-    most one synchronising call per log (and the evaluation) beyond the first step's."""
+    most one synchronising call per log (and the evaluation) beyond the first step's, with Throughput (its
+    FLOP count, rates and peak memory) too."""
     _, step, _, state, loader = make_problem(dropout=0.0)
     cpu, _ = ft.fit(step, state, loader, epochs=2, callbacks=[], device="cpu")
     _, step, _, state, loader = make_problem(dropout=0.0)
@@ -396,12 +398,15 @@ def test_fit_on_cuda_from_a_cpu_state_syncs_once_per_log():
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            gpu, history = ft.fit(step, state, loader, epochs=2, log_every=5, callbacks=[], device="cuda")
+            callbacks = [ft.callbacks.Throughput(step=step)] if throughput else []
+            gpu, history = ft.fit(step, state, loader, epochs=2, log_every=5, callbacks=callbacks, device="cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert gpu.params["0.weight"].is_cuda
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1 + len(history["train"]), [str(w.message) for w in syncs]
+    if throughput:
+        assert all(r["max_memory_gib"] > 0 and r["flops_per_s"] > 0 for r in history["train"][1:])
     for name in cpu.params:
         torch.testing.assert_close(gpu.params[name].cpu(), cpu.params[name], rtol=1e-4, atol=1e-5)
 
