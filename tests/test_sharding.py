@@ -187,7 +187,7 @@ def compiled_scenario(rank):
 
 def options_scenario(rank):
     """Microbatches, BatchNorm statistics averaged over ranks, an in-place (donating) step, one
-    tensor per gather bucket and the eval step."""
+    tensor per gather bucket, the eval step and a frozen layer."""
     world, mesh = torch.distributed.get_world_size(), mesh_1d()
     data = batches(size=8)
     out = {}
@@ -220,6 +220,15 @@ def options_scenario(rank):
     ref_eval = ft.make_eval_step(model, loss_fn)(ref, data[0])
     got_eval = evaluate(got, part(data[0], rank, world))
     out["eval"] = max_relative_error(got_eval, ref_eval)
+    # a frozen first layer, declared by partition: not differentiated sharded either, and left as it was
+    frozen = ft.partition(
+        {"train": ft.adamw(lr=0.01), "frozen": ft.set_to_zero()},
+        lambda name, p: "frozen" if name.startswith("a.") else "train",
+    )
+    ref, _ = train(model, frozen, data)
+    got, _ = train(model, frozen, data, mesh, rank, world)
+    out["frozen"] = max_relative_error(whole(got).params, ref.params)
+    out["frozen_unchanged"] = torch.equal(whole(got).params["a.weight"], model.a.weight.detach())
     return {k: torch.as_tensor(v) for k, v in out.items()}
 
 
@@ -353,11 +362,12 @@ def test_compiled_sharded_step_equals_eager_one_process_in_one_graph(tmp_path):
     assert torch.equal(ranks[0]["loss"], ranks[1]["loss"])
 
 
-def test_microbatches_batchnorm_inplace_and_eval_sharded(tmp_path):
+def test_microbatches_batchnorm_inplace_eval_and_freezing_sharded(tmp_path):
     ranks = run_on_ranks(options_scenario, 2, tmp_path)
     for r in ranks:
         assert r["microbatches"] < 1e-12 and r["inplace"] < 1e-12 and r["eval"] < 1e-12, r
         assert r["one_tensor_per_bucket"] < 1e-12 and r["model_untouched"], r
+        assert r["frozen"] < 1e-12 and r["frozen_unchanged"], r
     assert torch.equal(ranks[0]["batchnorm_buffers_equal_on_ranks"], ranks[1]["batchnorm_buffers_equal_on_ranks"])
 
 
