@@ -39,6 +39,7 @@ from .checkpoint import (
     step_file_name,
     step_of_file,
 )
+from .compile_cache import COMPILE_CACHE, load_compile_cache, save_compile_cache
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -210,6 +211,18 @@ class Checkpoint(Callback):
     A state with a NaN or infinite parameter is not saved (a warning says so), so the last
     checkpoint is always one worth resuming from.
 
+    With ``compile_cache=True`` (the default), each save first writes what ``torch.compile`` built
+    so far to ``compile-cache.bin`` in the directory, when something was compiled since it was last
+    written (:func:`~functrain.save_compile_cache`: one file, replaced atomically, never pruned), and
+    when training starts the file is loaded (:func:`~functrain.load_compile_cache`) before the first
+    step: a resumed run, or the same script run again in another process or on another machine with
+    the same software stack, finds its compiled step there instead of compiling it (a CPU MLP's
+    first step in 3 s instead of 17 s). The numbers are the same either way. Rank 0 writes the
+    file and every rank loads it: data-parallel ranks compile the same graphs (a sharded rank whose
+    shards have other shapes than rank 0's compiles its own, as without the file). **The file is
+    code** (compiled libraries that torch loads): resume from a directory someone else wrote with
+    ``compile_cache=False``, or delete its ``compile-cache.bin``.
+
     A sharded state (``TrainState.create(model, tx, mesh=mesh)``) is saved sharded: each checkpoint
     is then a directory of the same name (``step-00000120.pt/``), in which every rank writes its own
     shards (see :func:`~functrain.save_checkpoint`); the rules below hold for those directories too.
@@ -236,6 +249,8 @@ class Checkpoint(Callback):
         monitor: save ``best.pt`` whenever this metric improves (``"eval/loss"``, ``"acc"``...).
         mode: ``"min"`` or ``"max"`` for ``monitor``.
         save_on_fit_end: also save when training ends (stopped early or at ``steps``).
+        compile_cache: save the compiled steps beside the checkpoints and load them when training
+            starts (see above).
     """
 
     def __init__(
@@ -248,6 +263,7 @@ class Checkpoint(Callback):
         monitor: str | None = None,
         mode: str = "min",
         save_on_fit_end: bool = True,
+        compile_cache: bool = True,
     ):
         self.directory = Path(directory)
         for name, value in (("every_steps", every_steps), ("every_epochs", every_epochs)):
@@ -257,6 +273,7 @@ class Checkpoint(Callback):
         self.keep = _validate.integer("Checkpoint", "keep", keep, 1)
         self.best = None if monitor is None else _Best("Checkpoint", monitor, mode)
         self.save_on_fit_end = save_on_fit_end
+        self.compile_cache = _validate.boolean("Checkpoint", "compile_cache", compile_cache)
         self.last_saved_step: int | None = None
 
     def on_fit_start(self, loop: Loop) -> None:
@@ -272,6 +289,8 @@ class Checkpoint(Callback):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        if self.compile_cache:  # on every rank, before the first step compiles
+            load_compile_cache(self.directory / COMPILE_CACHE)
         if not distributed.is_main_process():
             return  # rank 0 writes; every rank takes part in each save (see save_checkpoint)
         try:
@@ -305,23 +324,40 @@ class Checkpoint(Callback):
 
     def _save_if_best(self, loop: Loop) -> None:
         if self.best.improved(loop) and self._finite(loop):
+            self._save_compile_cache()
             loop.save(self.directory / "best.pt")
 
     def _save_periodic(self, loop: Loop) -> None:
         if not self._finite(loop):
             return
+        self._save_compile_cache()
         loop.save(self.directory / step_file_name(loop.step))
         self.last_saved_step = loop.step
         if distributed.is_main_process():
             self._prune()
 
+    def _save_compile_cache(self) -> None:
+        """Writes the compile cache before the checkpoint, so that a checkpoint always finds the graphs
+        compiled before it beside it. Only rank 0 writes; a failed write costs a warm start, not the run."""
+        if not (self.compile_cache and distributed.is_main_process()):
+            return
+        try:
+            save_compile_cache(self.directory / COMPILE_CACHE)
+        except OSError as error:
+            warnings.warn(
+                f"Checkpoint: the compile cache was not saved ({error}); a resumed run will compile its step again",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     # The only names Checkpoint writes, and so the only files it ever deletes: anything else in the
     # directory (a backup named step-00000002-known-good.pt, an editor's .notes.tmp) is the user's.
+    # It deletes the compile cache's temporaries of killed saves, never the compile cache itself.
     _PROBE = "probe"
 
     @classmethod
     def _owns(cls, name: str) -> bool:
-        return name in ("best.pt", cls._PROBE) or step_of_file(name) is not None
+        return name in ("best.pt", cls._PROBE, COMPILE_CACHE) or step_of_file(name) is not None
 
     def _prune(self) -> None:
         """Deletes the oldest periodic checkpoints beyond ``keep`` (in step order: past step 99999999 the
@@ -749,6 +785,9 @@ class Profiler(Callback):
         record_shapes: record each op's input shapes.
         profile_memory: record tensor allocations and frees (memory per op, and the memory view).
         with_stack: record the Python stack of each op (slower; shows source lines in the trace).
+        memory_snapshot: on a CUDA device, also record the caching allocator's history (every
+            allocation and free, with its stack) and write it at the end of each kept window as
+            ``<worker>.step<N>.memory.pickle``, which https://pytorch.org/memory_viz opens; needs CUDA.
 
     Example:
         >>> import functrain as ft
@@ -768,6 +807,7 @@ class Profiler(Callback):
         record_shapes: bool = True,
         profile_memory: bool = True,
         with_stack: bool = False,
+        memory_snapshot: bool = False,
     ):
         owner = "Profiler"
         self.trace_dir = Path(trace_dir)
@@ -780,6 +820,12 @@ class Profiler(Callback):
             "profile_memory": _validate.boolean(owner, "profile_memory", profile_memory),
             "with_stack": _validate.boolean(owner, "with_stack", with_stack),
         }
+        self.memory_snapshot = _validate.boolean(owner, "memory_snapshot", memory_snapshot)
+        if self.memory_snapshot and not torch.cuda.is_available():
+            raise ValueError(
+                "Profiler: memory_snapshot records the CUDA caching allocator, and there is no CUDA device; "
+                "profile_memory=True records the CPU's allocations in the trace"
+            )
         self.profiler = None
 
     def on_fit_start(self, loop: Loop) -> None:
@@ -791,10 +837,20 @@ class Profiler(Callback):
             activities.append(tp.ProfilerActivity.CUDA)
         rank = f".rank{distributed.rank()}" if distributed.world_size() > 1 else ""
         worker = f"{socket.gethostname()}.{os.getpid()}{rank}"
+        write_trace = tp.tensorboard_trace_handler(str(self.trace_dir), worker_name=worker)
+
+        def on_trace_ready(profiler) -> None:
+            write_trace(profiler)
+            if self.memory_snapshot:
+                path = self.trace_dir / f"{worker}.step{profiler.step_num}.memory.pickle"
+                torch.cuda.memory._dump_snapshot(str(path))
+
+        if self.memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
         self.profiler = tp.profile(
             activities=activities,
             schedule=tp.schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat),
-            on_trace_ready=tp.tensorboard_trace_handler(str(self.trace_dir), worker_name=worker),
+            on_trace_ready=on_trace_ready,
             **self.options,
         )
         self.profiler.start()
@@ -812,5 +868,8 @@ class Profiler(Callback):
             # at the last step's end, is empty.
             self.profiler.stop()
             self.profiler = None
+            if self.memory_snapshot:
+                torch.cuda.memory._record_memory_history(enabled=None)  # stop recording
+
 
 from .trackers import MLflow as MLflow, WandB as WandB  # noqa: E402  (optional extras: imported lazily inside)

@@ -263,6 +263,11 @@ def test_profiler_writes_a_window_training_ends_inside(tmp_path):
         ({"wait": -1}, ValueError, "Profiler: wait must be an int >= 0"),
         ({"repeat": 1.5}, TypeError, "Profiler: repeat must be an int >= 0"),
         ({"with_stack": 1}, TypeError, "Profiler: with_stack must be a bool"),
+        *(
+            [({"memory_snapshot": True}, ValueError, "memory_snapshot records the CUDA caching allocator")]
+            if not torch.cuda.is_available()
+            else []
+        ),
     ],
 )
 def test_profiler_arguments_are_checked(tmp_path, kwargs, error, match):

@@ -80,3 +80,18 @@ def test_cuda_eval_step_loss_matches_module_in_eval_mode():
     with torch.no_grad():
         expected = F.cross_entropy(model(batch[0]), batch[1])
     torch.testing.assert_close(metrics["loss"], expected)
+
+
+def test_cuda_profiler_memory_snapshot_opens_as_the_allocators_history(tmp_path):
+    """memory_snapshot=True: one pickle per kept window, holding the allocator's segments and the traced
+    allocations of the steps (what pytorch.org/memory_viz reads)."""
+    import pickle
+
+    model = mlp().cuda()
+    tx = ft.adamw(1e-3)
+    step = ft.make_train_step(model, classification, tx)
+    profiler = ft.callbacks.Profiler(tmp_path, wait=1, warmup=1, active=2, memory_snapshot=True)
+    ft.fit(step, ft.TrainState.create(model, tx), [to_cuda(b) for b in batches(6)], steps=6, callbacks=[profiler])
+    (snapshot,) = sorted(tmp_path.glob("*.memory.pickle"))
+    data = pickle.loads(snapshot.read_bytes())
+    assert data["segments"] and any(trace for trace in data["device_traces"]), sorted(data)
