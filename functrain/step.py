@@ -646,9 +646,8 @@ def _checked(
     def compiled(f: Callable | None) -> Callable | None:
         return None if f is None else torch.compile(_with_own_code(f), **options)
 
-    step = _CompiledStep(compiled(fn if transformable else None), compiled(autograd_fn), pure_eager, first_call)
-    step._vmappable = (fn if transformable else None), options  # for ft.vmap: compiles the vmapped step
-    return step
+    source = fn if transformable else None
+    return _CompiledStep(compiled(source), compiled(autograd_fn), pure_eager, first_call, (source, options))
 
 
 _CUDA_NOTICE = "No CUDA runtime is found"
@@ -713,12 +712,17 @@ class _CompiledStep:
     """
 
     def __init__(
-        self, transformable: Callable | None, by_autograd: Callable | None, pure_eager: Callable, first_call: Callable
+        self,
+        transformable: Callable | None,
+        by_autograd: Callable | None,
+        pure_eager: Callable,
+        first_call: Callable,
+        vmappable: tuple[Callable | None, dict[str, Any]] = (None, {}),
     ):
         self._transformable, self._by_autograd = transformable, by_autograd
         self._pure_eager, self._first_call = pure_eager, first_call
+        self._vmappable = vmappable  # the uncompiled transformable step and its compile options, for ft.vmap
         self._checked = False
-        self._vmappable: tuple[Callable | None, dict[str, Any]] = (None, {})
         self._trace_autograd = torch._dynamo.config.patch(trace_autograd_ops=True)  # entered per call, never global
         functools.update_wrapper(self, pure_eager)
 
@@ -739,12 +743,9 @@ class _CompiledStep:
             return self._transformable(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise
-        except torch._dynamo.exc.Unsupported as error:
-            if transformed and "functorch" in str(error):
+        except Exception as error:
+            if transformed and isinstance(error, torch._dynamo.exc.Unsupported) and "functorch" in str(error):
                 raise TypeError(_COMPILED_INSIDE_A_TRANSFORM) from error
-            self._pure_eager(*args, **kwargs)  # raises the eager step's own error, chained to the compiler's
-            raise
-        except Exception:
             self._pure_eager(*args, **kwargs)  # raises the eager step's own error, chained to the compiler's
             raise
 
