@@ -40,6 +40,7 @@ from .combine import (
     partition as partition,
     set_to_zero as set_to_zero,
 )
+from .compile_cache import load_compile_cache as load_compile_cache, save_compile_cache as save_compile_cache
 from .interop import (
     TorchOptimizer as TorchOptimizer,
     from_torch_optimizer as from_torch_optimizer,
@@ -156,6 +157,7 @@ __all__ = [
     "lbfgs",
     "lion",
     "load_checkpoint",
+    "load_compile_cache",
     "load_into_torch",
     "load_weights",
     "lookahead",
@@ -179,6 +181,7 @@ __all__ = [
     "rprop",
     "sam",
     "save_checkpoint",
+    "save_compile_cache",
     "save_weights",
     "schedule_free_adamw",
     "schedule_free_eval_params",

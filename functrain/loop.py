@@ -492,6 +492,10 @@ def fit(
             :class:`~functrain.callbacks.StopOnNonFinite`. A list you pass replaces the defaults.
         checkpoint: a :class:`~functrain.callbacks.Checkpoint`, or a directory (a checkpoint at the
             end of every epoch, keeping the last 3). Checked for writability before training starts.
+            What ``torch.compile`` built is saved beside the checkpoints (``compile-cache.bin``) and
+            loaded before the first step, so a compiled step resumed in a new process, or run again
+            on another machine with the same software stack, is not compiled again (see
+            :func:`~functrain.save_compile_cache`; ``Checkpoint(..., compile_cache=False)`` turns it off).
         resume: ``True``: continue from the latest checkpoint in the directory of ``checkpoint`` (or of
             a ``Checkpoint`` among the callbacks) if there is one; or the path of a checkpoint (a file,
             or a sharded checkpoint's directory), or of a directory to take the latest checkpoint from.
