@@ -488,17 +488,28 @@ def _run_script(script: str, args: list[str], env: dict[str, str], timeout: floa
 @pytest.mark.parametrize("impl", ["functrain-compiled", "functrain-compiled-inplace", "torch-compiled"])
 def test_compile_time(impl, bench_config, benchmark):
     """Time to the first step of the mlp-step model: two fresh processes on one new, empty
-    TORCHINDUCTOR_CACHE_DIR, cold (nothing cached) then warm (the first one's caches)."""
+    TORCHINDUCTOR_CACHE_DIR, cold (nothing cached) then warm (the first one's caches), and a third on
+    another empty one that loads the file the cold process saved with ``ft.save_compile_cache``
+    (``artifacts``: a resumed run, or the same script on another machine)."""
     _skip_compiled_in_smoke(impl, bench_config)
     if bench_config.device.type != "cpu":
         pytest.skip("measured on CPU only")
     runs = {}
 
     def measure() -> None:
-        with tempfile.TemporaryDirectory(prefix="functrain-inductor-") as cache:
+        with (
+            tempfile.TemporaryDirectory(prefix="functrain-inductor-") as cache,
+            tempfile.TemporaryDirectory(prefix="functrain-empty-") as empty,
+        ):
             env = {"TORCHINDUCTOR_CACHE_DIR": cache}
-            runs["cold"] = _run_script("step_compile_time.py", ["--impl", impl], env)
+            saved = os.path.join(empty, "compile-cache.bin")
+            runs["cold"] = _run_script("step_compile_time.py", ["--impl", impl, "--save-cache", saved], env)
             runs["warm"] = _run_script("step_compile_time.py", ["--impl", impl], env)
+            runs["artifacts"] = _run_script(
+                "step_compile_time.py",
+                ["--impl", impl, "--load-cache", saved],
+                {"TORCHINDUCTOR_CACHE_DIR": os.path.join(empty, "inductor")},
+            )
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     cold, warm = runs["cold"], runs["warm"]
@@ -508,6 +519,8 @@ def test_compile_time(impl, bench_config, benchmark):
         cold_s=cold["time_to_first_step_s"],
         warm_s=warm["time_to_first_step_s"],
         warm_over_cold=warm["time_to_first_step_s"] / cold["time_to_first_step_s"],
+        artifacts_s=runs["artifacts"]["time_to_first_step_s"],
+        artifacts=runs["artifacts"],
         import_s=warm["import_s"],
         fx_graph_cache=warm["fx_graph_cache"],
         autograd_cache=warm["autograd_cache"],
