@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -21,6 +24,8 @@ import functrain as ft
 from functrain.data._rng import derive_seed
 
 from .harness import Indices
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- datasets and helpers
 
@@ -266,19 +271,25 @@ def test_breaking_out_keeps_the_cursor_and_set_epoch_jumps():
     assert next(fresh) is not None
 
 
-def test_workers_persist_across_epochs_and_close_stops_them_without_losing_the_cursor():
-    reference_loader = ft.data.make_loader(Indices(20), 4, seed=0)
+@pytest.mark.parametrize("worker_method", ["thread", "process"])
+def test_workers_persist_across_epochs_and_close_stops_them_without_losing_the_cursor(worker_method):
+    reference_loader = ft.data.make_loader(Indices(20), 4, seed=0, num_workers=0)
     reference = [b.tolist() for e in epochs(reference_loader, 2) for b in e]
-    before = set(threading.enumerate())
-    loader = ft.data.make_loader(Indices(20), 4, seed=0, num_workers=2)
+    threads, processes = set(threading.enumerate()), set(multiprocessing.active_children())
+    loader = ft.data.make_loader(Indices(20), 4, seed=0, num_workers=2, worker_method=worker_method)
     got = [b.tolist() for b in loader]
-    ours = {t for t in threading.enumerate() if t not in before}
-    assert len(ours) >= 4  # 2 workers, the reader and the prefetcher: still producing epoch 1
+    ours = {t for t in threading.enumerate() if t not in threads}
+    ours |= {p for p in multiprocessing.active_children() if p not in processes}
+    # 2 workers, the reader and the sorter: still producing epoch 1 (processes: and their watchdog)
+    assert len(ours) >= 4
+    assert sum(isinstance(w, multiprocessing.process.BaseProcess) for w in ours) == (
+        2 if worker_method == "process" else 0
+    )
     it = iter(loader)
     got.append(next(it).tolist())
-    assert all(t.is_alive() for t in ours)  # the same threads carried on: nothing restarted
+    assert all(w.is_alive() for w in ours)  # the same workers carried on: nothing restarted
     loader.close()
-    assert not any(t.is_alive() for t in ours)
+    assert not any(w.is_alive() for w in ours)  # threads, processes and their queues' threads
     got.extend(b.tolist() for b in loader)  # restarted at the cursor
     assert got == reference
     loader.close()
@@ -422,6 +433,7 @@ def test_a_state_dict_from_another_pipeline_is_refused(change, named):
         (dict(rank=2, world_size=2), ValueError, "rank"),
         (dict(world_size=0), ValueError, "world_size"),
         (dict(worker_method="fiber"), ValueError, "worker_method"),
+        (dict(multiprocessing_context="thread"), ValueError, "multiprocessing_context"),
         (dict(transform=3), TypeError, "transform"),
         (dict(dtype=torch.int32), TypeError, "dtype"),
         (dict(seed=-1), ValueError, "seed"),
@@ -443,6 +455,107 @@ def test_not_a_map_style_dataset():
 # ----------------------------------------------------------------------------- worker processes (slow to start)
 
 FORK = "fork" in multiprocessing.get_all_start_methods()
+# What worker_method="auto" (the default) picks here: processes where they start by fork.
+DEFAULT_IS_PROCESS = sys.platform.startswith("linux") and multiprocessing.get_start_method(allow_none=True) in (
+    None,
+    "fork",
+)
+
+
+def _augment(sample):  # module level: picklable, for spawned workers
+    return AUGMENT(sample)
+
+
+@pytest.mark.skipif(not DEFAULT_IS_PROCESS, reason="the default is worker processes where they start by fork")
+def test_the_default_workers_are_forked_processes_that_take_a_lambda_and_match_threads():
+    data = images()
+    # A lambda: forked workers inherit the transform, nothing is pickled.
+    default = ft.data.make_loader(data, 4, transform=lambda sample: AUGMENT(sample))
+    threads = ft.data.make_loader(data, 4, transform=AUGMENT, worker_method="thread")
+    assert (default.worker_method, threads.worker_method) == ("process", "thread")
+    assert ft.data.make_loader(data, 4, num_workers=0).worker_method is None
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        assert_same_batches(list(default), list(threads))
+    assert torch.equal(torch.get_rng_state(), before)  # the workers reseed their own generators only
+    default.close()
+    threads.close()
+
+
+def test_auto_uses_threads_where_workers_would_be_spawned(monkeypatch):
+    # A program that chose spawn (or macOS and Windows, where it is the default): spawned workers
+    # need the dataset and transform pickled and the script guarded by if __name__ == "__main__".
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    loader = ft.data.make_loader(images(), 4, transform=lambda sample: AUGMENT(sample))
+    assert loader.worker_method == "thread"
+    assert len(list(loader)) == 6
+
+
+class _Local:  # a dataset that pickles, holding a part that does not
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return i
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (dict(transform=lambda sample: sample), "transform"),
+        (dict(collate=lambda samples: samples), "collate"),
+        (dict(data=_Local()), "dataset"),
+    ],
+)
+def test_spawned_workers_name_what_cannot_be_pickled_and_what_to_do(kwargs, named):
+    data = kwargs.pop("data", Indices(8))
+    for context in ("spawn", "forkserver"):
+        if context not in multiprocessing.get_all_start_methods():
+            continue
+        with pytest.raises(TypeError, match=f"'{context}' start method sends the {named} to each worker") as error:
+            ft.data.make_loader(data, 4, worker_method="process", multiprocessing_context=context, **kwargs)
+        message = str(error.value)
+        assert "module level" in message and "worker_method='thread'" in message, message
+
+
+@pytest.mark.slow
+def test_spawned_workers_load_the_same_batches_as_threads():
+    data = images(n=12)
+    spawned = ft.data.make_loader(
+        data, 4, transform=_augment, num_workers=1, worker_method="process", multiprocessing_context="spawn"
+    )
+    threads = ft.data.make_loader(data, 4, transform=_augment, worker_method="thread")
+    try:
+        for _ in range(2):
+            assert_same_batches(list(spawned), list(threads))
+    finally:
+        spawned.close()
+
+
+CLEAN_EXIT = """
+import torch, torchvision.transforms.v2 as v2, functrain as ft
+data = ft.data.ImageLabelDataset(torch.zeros(64, 1, 8, 8, dtype=torch.uint8), torch.arange(64) % 3)
+crop = v2.RandomCrop(8, padding=2)
+for method in ("auto", "thread"):
+    loader = ft.data.make_loader(data, 4, transform=crop, worker_method=method)
+    for i, _ in enumerate(loader):
+        if i == 3:
+            break
+    loader.set_epoch(2)  # a restart while the workers run
+    next(iter(loader))
+    print(loader.worker_method)
+# exits mid-epoch, the loaders never closed
+"""
+
+
+def test_the_interpreter_exits_cleanly_mid_epoch_without_close():
+    done = subprocess.run([sys.executable, "-c", CLEAN_EXIT], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.split() == ["process" if DEFAULT_IS_PROCESS else "thread", "thread"]
 
 
 @pytest.mark.slow
@@ -475,14 +588,15 @@ class DiesAt(Indices):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FORK, reason="process tests use the fork start method")
-def test_a_dying_worker_process_is_a_clear_error_not_a_hang():
-    loader = ft.data.make_loader(
-        DiesAt(40, bad=21, parent=os.getpid()),
-        4,
-        shuffle=False,
-        worker_method="process",
-        multiprocessing_context="fork",
-    )
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(worker_method="process", multiprocessing_context="fork"),
+        pytest.param({}, marks=pytest.mark.skipif(not DEFAULT_IS_PROCESS, reason="the default is threads here")),
+    ],
+)
+def test_a_dying_worker_process_is_a_clear_error_not_a_hang(kwargs):
+    loader = ft.data.make_loader(DiesAt(40, bad=21, parent=os.getpid()), 4, shuffle=False, **kwargs)
     kind, error = within(30, lambda: list(loader))
     assert kind == "error" and isinstance(error, ft.data.WorkerError), error
     assert "exited with code 3" in str(error)

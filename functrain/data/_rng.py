@@ -15,8 +15,6 @@ nothing per op (the loader does that there).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -59,6 +57,17 @@ _SAMPLERS = frozenset(
 )
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(state: int, value: int) -> int:
+    """One splitmix64 step: ``value`` mixed into ``state``."""
+    state = (((state ^ (int(value) & _MASK)) & _MASK) + _GOLDEN) & _MASK
+    state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK
+    return state ^ (state >> 31)
+
+
 def derive_seed(*values: int) -> int:
     """A 63-bit seed mixed from integers (splitmix64 over each value): nearby inputs such as
     consecutive sample indices give unrelated streams.
@@ -68,15 +77,25 @@ def derive_seed(*values: int) -> int:
         >>> derive_seed(0, 1, 2) == derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
         True
     """
-    state = 0x9E3779B97F4A7C15
+    state = _GOLDEN
     for value in values:
-        state = (state ^ (int(value) & _MASK)) & _MASK
-        state = (state + 0x9E3779B97F4A7C15) & _MASK
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        state = z ^ (z >> 31)
+        state = _mix(state, value)
     return state >> 1  # torch.Generator.manual_seed takes up to 2**63 - 1 without wrapping
+
+
+def derive_seeds(prefix: tuple[int, ...], last: list[int]) -> list[int]:
+    """``[derive_seed(*prefix, x) for x in last]``, the prefix mixed once (a batch's samples share
+    their seed and epoch).
+
+    Example:
+        >>> from functrain.data._rng import derive_seed, derive_seeds
+        >>> derive_seeds((0, 1), [2, 3]) == [derive_seed(0, 1, 2), derive_seed(0, 1, 3)]
+        True
+    """
+    state = _GOLDEN
+    for value in prefix:
+        state = _mix(state, value)
+    return [_mix(state, x) >> 1 for x in last]
 
 
 class sample_rng(TorchFunctionMode):
@@ -124,7 +143,3 @@ class sample_rng(TorchFunctionMode):
         self.seed = seed
         for gen in self._generators.values():
             gen.manual_seed(seed)
-
-
-# The process that imported functrain: a worker process forked from it has another pid.
-_MAIN_PID = os.getpid()

@@ -111,6 +111,7 @@ def stop(threaded: list[Any], mapper: Any | None, patience: float = 5.0) -> bool
             worker.join(timeout=patience)
             if worker.is_alive() and hasattr(worker, "terminate"):
                 _end_process(worker)
+        _close_queue(mapper_it._in_q)
     for it in iterators:
         if it is not None and it._thread.is_alive():
             it._thread.join(timeout=patience)
@@ -175,6 +176,21 @@ def dead_worker(mapper: Any) -> Any | None:
             it._stop.set()
             return worker
     return None
+
+
+def _close_queue(q: Any) -> None:
+    """Closes the workers' input queue when it is a ``multiprocessing`` queue and waits (a second at
+    most) for its feeder thread to end, as ``DataLoader`` closes its queues at shutdown: left to the
+    queue's garbage collection, that thread would outlive ``close()``. The items it may still hold
+    are a few lists of indices, which the pipe has room for; if it had not, the thread is left
+    behind (a daemon, which interpreter exit does not wait for)."""
+    if not hasattr(q, "cancel_join_thread"):  # a queue.Queue: worker threads
+        return
+    q.cancel_join_thread()
+    q.close()  # the feeder thread writes what it holds, then ends
+    feeder = getattr(q, "_thread", None)  # (the standard library's, started on the first put)
+    if feeder is not None:
+        feeder.join(timeout=1.0)
 
 
 def _drain(q: Any) -> None:
