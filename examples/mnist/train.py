@@ -80,7 +80,7 @@ train_set, test_set = load_data(source, data_dir)
 if distributed and source == "mnist" and rank == 0:
     dist.barrier()
 
-# Augmentation runs per sample in the loader's worker threads, on uint8 CHW tensors, with a random
+# Augmentation runs per sample in the loader's workers (processes on Linux), on uint8 CHW tensors, with a random
 # stream seeded by (seed, epoch, sample): an interrupted and resumed run sees the same pictures.
 augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
 train_loader = ft.data.make_loader(
