@@ -1,12 +1,18 @@
-import json, statistics, sys
-runs = [json.load(open(p)) for p in sys.argv[1:]]
-table = {}
-for r in runs:
-    med = {}
-    for b in r["benchmarks"]:
-        med.setdefault(b["group"], {})[b["params"]["impl"]] = b["stats"]["median"]
-    for g, entries in med.items():
-        for e, t in entries.items():
-            table.setdefault((g, e), []).append(entries["torch-dataloader"] / t)
-for (g, e), rs in sorted(table.items()):
-    print(f"{g:20s} {e:22s} throughput ratio {statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})")
+"""Median and range over runs of each loader's throughput relative to torch's DataLoader (its epoch time
+over the entry's): python summarise_data.py data-run*.json"""
+
+import json
+import statistics
+import sys
+
+runs = [json.load(open(path)) for path in sys.argv[1:]]
+table: dict[tuple[str, str], list[float]] = {}
+for run in runs:
+    medians: dict[str, dict[str, float]] = {}
+    for bench in run["benchmarks"]:
+        medians.setdefault(bench["group"], {})[bench["params"]["impl"]] = bench["stats"]["median"]
+    for group, entries in medians.items():
+        for entry, seconds in entries.items():
+            table.setdefault((group, entry), []).append(entries["torch-dataloader"] / seconds)
+for (group, entry), ratios in sorted(table.items()):
+    print(f"{group:20s} {entry:22s} {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
