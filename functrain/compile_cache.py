@@ -101,7 +101,8 @@ def save_compile_cache(path: str | os.PathLike) -> Path | None:
         >>> ft.load_compile_cache(path)  # no file yet: the first run compiles cold
         False
         >>> # step = ft.make_train_step(model, loss_fn, tx, compile=True); state, _ = step(state, batch)
-        >>> ft.save_compile_cache(path) is None  # this process compiled nothing
+        >>> saved = ft.save_compile_cache(path)  # None when this process compiled nothing yet
+        >>> saved is None or ft.load_compile_cache(saved)  # a later run, before its first step
         True
     """
     path = Path(path)
