@@ -83,6 +83,11 @@ class Callback:
 
     def on_fit_end(self, loop: Loop) -> Any: ...
 
+    def on_exception(self, loop: Loop) -> None:
+        """Training raised ``loop.exception`` (a KeyboardInterrupt too); it goes on to the caller after
+        this event, in place of the events still to come. Close what the callback opened (a file, a
+        progress bar, a tracker's run, a profiler); the state may be half-updated, so save nothing."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -536,7 +541,11 @@ class TensorBoard(Callback):
         self.writer.flush()  # else queued for up to two minutes: a kill would lose events a checkpoint has seen
 
     def on_fit_end(self, loop: Loop) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    on_exception = on_fit_end  # what was written stays: the events are flushed at each log
 
 
 class ProgressBar(Callback):
@@ -579,6 +588,9 @@ class ProgressBar(Callback):
     def on_fit_end(self, loop: Loop) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    on_exception = on_fit_end  # the bar closes where training stopped
 
 
 _RATES = ("samples_per_s", "tokens_per_s", "mfu")  # Throughput's entries the progress bar shows
@@ -875,12 +887,14 @@ class Profiler(Callback):
 
     def on_fit_end(self, loop: Loop) -> None:
         if self.profiler is not None:
-            # Writes a window still open (training ended inside it); its last ProfilerStep range, opened
-            # at the last step's end, is empty.
+            # Writes a window still open (training ended inside it, or an exception did); its last
+            # ProfilerStep range, opened at the last step's end, is empty.
             self.profiler.stop()
             self.profiler = None
             if self.memory_snapshot:
                 torch.cuda.memory._record_memory_history(enabled=None)  # stop recording
+
+    on_exception = on_fit_end  # stop profiling (and recording) where training stopped: what ran is written
 
 
 from .trackers import MLflow as MLflow, WandB as WandB  # noqa: E402  (optional extras: imported lazily inside)

@@ -9,7 +9,9 @@ Events, in order: ``on_fit_start``; per epoch ``on_epoch_start``, then per step 
 ``log_every`` steps), ``on_eval_end`` (every ``eval_every`` steps), ``on_step_end``; at the end of
 an epoch ``on_log`` (the steps not logged yet), ``on_eval_end`` (when evaluating once per epoch),
 ``on_epoch_end``; finally ``on_log`` (any steps not logged yet), ``on_eval_end`` (when evaluating
-once per epoch and ``max_steps`` ended the last epoch early) and ``on_fit_end``.
+once per epoch and ``max_steps`` ended the last epoch early) and ``on_fit_end``. When training raises
+(an error, a KeyboardInterrupt), ``on_exception`` comes instead of the events still to come, then
+the exception goes on to the caller.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ class Loop:
     does), ``logs`` and ``eval_logs`` (the last logged means, as floats) and ``history``; they call
     ``loop.stop(why)`` to end training. Callbacks that add entries to the logs
     (``provides_logs = True``, e.g. :class:`~functrain.callbacks.Throughput`) run first, so every
-    other callback sees those entries; the others run in the order given.
+    other callback sees those entries; the others run in the order given. A loop of your own that
+    catches an exception from training calls ``loop.fail(exception)`` before re-raising it, as
+    :func:`fit` does, so that callbacks close what they opened (trackers end their runs failed).
 
     Args:
         callbacks: :class:`~functrain.callbacks.Callback` objects, called in order.
@@ -183,6 +187,7 @@ class Loop:
         self.eval_logs: dict[str, Any] = {}
         self.history: History = {"train": [], "eval": []}
         self.stop_reason: str | None = None
+        self.exception: BaseException | None = None  # what training raised, for on_exception
         self.resumed = False
         self.meter = MeanMetrics()
         self._final_progress: dict | None = None
@@ -271,11 +276,25 @@ class Loop:
         self.history["eval"].append(self.eval_logs)
         self._emit("on_eval_end")
 
-    def _emit(self, event: str) -> Any:
+    def fail(self, exception: BaseException) -> None:
+        """Training raised ``exception``: every callback's ``on_exception`` closes what it opened (a
+        tracker marks its run failed), then the caller re-raises it. A callback that raises here too
+        is noted on ``exception`` (shown under its traceback), and the callbacks after it still run."""
+        self.exception = exception
+        for callback in self._active_callbacks():
+            try:
+                callback.on_exception(self)
+            except Exception as error:
+                name = type(callback).__name__
+                exception.add_note(f"{name}.on_exception raised too: {type(error).__name__}: {error}")
+
+    def _active_callbacks(self) -> Iterator[Callback]:
         main = distributed.is_main_process()
-        for callback in self.callbacks:
-            if callback.main_process_only and not main:
-                continue  # progress bars and logs: rank 0 speaks for every rank
+        # Progress bars and logs: rank 0 speaks for every rank.
+        return (c for c in self.callbacks if main or not c.main_process_only)
+
+    def _emit(self, event: str) -> Any:
+        for callback in self._active_callbacks():
             new_state = getattr(callback, event)(self)
             if new_state is not None:
                 try:
@@ -555,24 +574,28 @@ def fit(
         if path is not None:
             state = loop.restore(path, like=state)
 
-    state = loop.fit_start(state)
-    while not loop.finished:
-        if loop.batch == 0:  # not again when resuming mid-epoch
-            state = loop.epoch_start(state)
-        if loop.steps_per_epoch is None or loop.batch < loop.steps_per_epoch:  # else: resumed after its last step
-            for batch in loop.epoch_batches():  # after a resume mid-epoch: the rest of that epoch
-                batch = to_device(batch, device)
-                state, metrics = step(state, batch)
-                state = loop.step_end(state, metrics, batch)
-                if loop.finished:
-                    break
-        at_epoch_end = loop.steps_per_epoch is not None and loop.batch >= loop.steps_per_epoch
-        if loop.finished and not at_epoch_end:
-            break  # stopped mid-epoch; a run whose last step ends an epoch still ends that epoch (and evaluates)
-        if loop.batch == 0:
-            raise ValueError("fit: train_loader yielded no batches")
-        state = loop.epoch_end(state)
-    state = loop.fit_end(state)
+    try:
+        state = loop.fit_start(state)
+        while not loop.finished:
+            if loop.batch == 0:  # not again when resuming mid-epoch
+                state = loop.epoch_start(state)
+            if loop.steps_per_epoch is None or loop.batch < loop.steps_per_epoch:  # else: resumed after its last step
+                for batch in loop.epoch_batches():  # after a resume mid-epoch: the rest of that epoch
+                    batch = to_device(batch, device)
+                    state, metrics = step(state, batch)
+                    state = loop.step_end(state, metrics, batch)
+                    if loop.finished:
+                        break
+            at_epoch_end = loop.steps_per_epoch is not None and loop.batch >= loop.steps_per_epoch
+            if loop.finished and not at_epoch_end:
+                break  # stopped mid-epoch; a run whose last step ends an epoch still ends that epoch (and evaluates)
+            if loop.batch == 0:
+                raise ValueError("fit: train_loader yielded no batches")
+            state = loop.epoch_end(state)
+        state = loop.fit_end(state)
+    except BaseException as exception:  # KeyboardInterrupt too: trackers mark the run killed, bars close
+        loop.fail(exception)
+        raise
     return state, loop.history
 
 

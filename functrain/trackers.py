@@ -86,6 +86,8 @@ class _Tracker(Callback):
     def _log(self, step: int, metrics: dict[str, float]) -> None: ...
     def _log_checkpoint(self, path: Path) -> None: ...
     def _finish(self, loop: Loop) -> None: ...
+    def _open(self) -> bool: ...  # a run started and not finished
+    def _fail(self, exception: BaseException) -> None: ...  # ends the open run as failed (killed: interrupted)
 
     def on_fit_start(self, loop: Loop) -> None:
         if self.log_checkpoints:
@@ -112,6 +114,14 @@ class _Tracker(Callback):
     def on_fit_end(self, loop: Loop) -> None:
         self._check_checkpoints()
         self._finish(loop)
+
+    def on_exception(self, loop: Loop) -> None:
+        if not self._open():
+            return  # failed before the run started, or after it finished
+        try:
+            self._check_checkpoints()  # the files written before the failure are logged too
+        finally:
+            self._fail(loop.exception)
 
     def _write(self, split: str, logs: dict[str, Any]) -> None:
         metrics = {f"{split}/{name}": value for name, value in logs.items() if name not in _NOT_METRICS}
@@ -168,6 +178,15 @@ class _Tracker(Callback):
         self.run_id = state.get("run_id")
 
 
+def _interrupted(exception: BaseException) -> bool:
+    """Stopped from outside (Ctrl-C, a SystemExit from a signal handler) rather than failed."""
+    return isinstance(exception, (KeyboardInterrupt, SystemExit))
+
+
+def _describe(exception: BaseException) -> str:
+    return f"{type(exception).__name__}: {exception}"[:5000]  # MLflow keeps tag values up to 8000 characters
+
+
 def _is_uri(tracking_uri: str | os.PathLike) -> bool:
     return isinstance(tracking_uri, str) and ("://" in tracking_uri or tracking_uri.startswith("databricks"))
 
@@ -185,8 +204,10 @@ class MLflow(_Tracker):
     them) and ``eval/<metric>`` (each evaluation), at the loop's step (MLflow stores an infinite value
     as +-1.8e308); ``params`` become the run's params (nested dicts flattened to ``outer.inner``). The
     run ends ``FINISHED`` when the fit ends, stopped early or not (a callback's reason is the tag
-    ``functrain.stop_reason``). A fit ended by an exception calls no event, so its run stays
-    ``RUNNING``; resuming it continues the run.
+    ``functrain.stop_reason``). A fit ended by an exception ends it ``FAILED``, or ``KILLED`` when
+    interrupted (KeyboardInterrupt, SystemExit), with the exception in the tag
+    ``functrain.exception``; resuming from a checkpoint continues the run (``RUNNING`` again). A
+    process killed outright (SIGKILL, out of memory) leaves it ``RUNNING``.
 
     The run's id is saved in checkpoints: a resumed fit continues the same run. MLflow keeps every point
     logged, so the steps the interrupted run logged after its last checkpoint appear twice, logged again
@@ -314,6 +335,13 @@ class MLflow(_Tracker):
             self.client.set_tag(self.run_id, "functrain.stop_reason", loop.stop_reason)
         self.client.set_terminated(self.run_id, "FINISHED")
 
+    def _open(self) -> bool:
+        return self.client is not None and self.client.get_run(self.run_id).info.status == "RUNNING"
+
+    def _fail(self, exception: BaseException) -> None:
+        self.client.set_tag(self.run_id, "functrain.exception", _describe(exception))
+        self.client.set_terminated(self.run_id, "KILLED" if _interrupted(exception) else "FAILED")
+
 
 class WandB(_Tracker):
     """Logs the training and evaluation metrics, the hyperparameters and optionally the checkpoints to a
@@ -332,8 +360,9 @@ class WandB(_Tracker):
     logs of them are dropped (wandb warns). Offline, the resumed part is written to a directory of its
     own, under the same run id.
 
-    A fit ended by an exception calls no event, so its run is left open, until the process exits or a
-    fit with this callback starts again: that one first finishes it with exit code 1.
+    A fit ended by an exception finishes the run with exit code 1 (130 when interrupted: a
+    KeyboardInterrupt or SystemExit), the exception in its summary as ``exception``; resuming from a
+    checkpoint continues the run.
 
     Args:
         project: the W&B project (``None``: ``WANDB_PROJECT``, else wandb's default).
@@ -401,7 +430,7 @@ class WandB(_Tracker):
         self.run = None
 
     def _start(self, loop: Loop, continuing: bool) -> None:
-        if self.run is not None:  # the last fit with this callback ended by an exception, its run still open
+        if self.run is not None:  # left open by a loop of the user's that raised without calling Loop.fail
             self.run.finish(exit_code=1)
             self.run = None
         if self.directory is not None:
@@ -436,4 +465,13 @@ class WandB(_Tracker):
         if loop.stop_reason is not None:
             self.run.summary["stop_reason"] = loop.stop_reason
         self.run.finish()
+        self.run = None
+
+    def _open(self) -> bool:
+        return self.run is not None
+
+    def _fail(self, exception: BaseException) -> None:
+        self.run.summary["exception"] = _describe(exception)
+        # wandb marks a run with a non-zero exit code failed; 130 is a shell's code for an interrupt (SIGINT).
+        self.run.finish(exit_code=130 if _interrupted(exception) else 1)
         self.run = None

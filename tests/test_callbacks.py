@@ -256,6 +256,27 @@ def test_profiler_writes_a_window_training_ends_inside(tmp_path):
     assert _profiled_steps(trace) == [1, 2, 3, 4]
 
 
+def test_an_exception_closes_the_profiler_the_progress_bar_and_tensorboard(tmp_path):
+    """What they opened is closed where training failed: the profiler's open window is written (a trace of the
+    steps before the failure, the one thing a user wants from a crashed run) and it stops, so a later profile in
+    the process can start; the bar and the event file close."""
+    from tests.test_loop import Raise
+
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("tqdm")
+    _, step, _, state, loader = make_problem()
+    profiler = ft.callbacks.Profiler(tmp_path / "profile", wait=0, warmup=1, active=100)
+    bar, board = ft.callbacks.ProgressBar(disable=True), ft.callbacks.TensorBoard(tmp_path / "tb")
+    with pytest.raises(MemoryError):
+        fit(step, state, loader, steps=8, log_every=1, callbacks=[profiler, bar, board, Raise(3, MemoryError())])
+    (trace,) = _traces(tmp_path / "profile")
+    assert _profiled_steps(trace) == [1, 2, 3]  # step 3's range opened at step 2's end; step 3 ended in the error
+    assert profiler.profiler is None and bar.bar is None and board.writer is None
+    assert torch.autograd.profiler._is_profiler_enabled is False
+    fit(step, state, loader, steps=2, callbacks=[ft.callbacks.Profiler(tmp_path / "again", wait=0, active=1)])
+    assert len(_traces(tmp_path / "again")) == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -161,6 +161,9 @@ class Recorder(ft.Callback):
     def on_fit_end(self, loop):
         self._record("fit_end", loop)
 
+    def on_exception(self, loop):
+        self._record(f"exception {type(loop.exception).__name__}", loop)
+
 
 def test_events_come_in_the_documented_order():
     _, step, evaluate, state, _ = make_problem()
@@ -186,6 +189,49 @@ def test_events_come_in_the_documented_order():
         ("epoch_end", 4, 1, 2),
         ("fit_end", 4, 2, 0),
     ]
+
+
+class Raise(ft.Callback):
+    def __init__(self, at_step, error):
+        self.at_step, self.error = at_step, error
+
+    def on_step_end(self, loop):
+        if loop.step == self.at_step:
+            raise self.error
+
+
+class Broken(ft.Callback):
+    def on_exception(self, loop):
+        raise OSError("disk full")
+
+
+@pytest.mark.parametrize("error", [ValueError("loss went the wrong way"), KeyboardInterrupt()], ids=["error", "stop"])
+def test_an_exception_ends_the_events_with_on_exception_and_reaches_the_caller(error):
+    """on_exception comes in place of the events still to come, on every callback, even after one raising in
+    it (noted on the exception); the exception reaches the caller as it was raised."""
+    _, step, _, state, _ = make_problem()
+    loader = ShuffledLoader(*make_data(n=16), batch_size=8)  # 2 batches per epoch
+    first, last = Recorder(), Recorder()
+    with pytest.raises(type(error)) as raised:
+        callbacks = [first, Raise(3, error), Broken(), last]
+        ft.fit(step, state, loader, epochs=2, log_every=2, callbacks=callbacks, device="cpu")
+    assert raised.value is error
+    name = type(error).__name__
+    assert first.events[-3:] == [("epoch_start", 2, 1, 0), ("step_end", 3, 1, 1), (f"exception {name}", 3, 1, 1)]
+    assert last.events[-2:] == [("epoch_start", 2, 1, 0), (f"exception {name}", 3, 1, 1)]  # its step_end never came
+    assert error.__notes__ == ["Broken.on_exception raised too: OSError: disk full"]
+
+
+def test_a_step_that_raises_reaches_on_exception_before_the_caller():
+    _, step, _, state, loader = make_problem()
+
+    def failing(state, batch):
+        raise RuntimeError("CUDA out of memory")  # what a step raises: not a callback's own error
+
+    recorder = Recorder()
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        ft.fit(failing, state, loader, epochs=1, callbacks=[recorder], device="cpu")
+    assert recorder.events == [("fit_start", 0, 0, 0), ("epoch_start", 0, 0, 0), ("exception RuntimeError", 0, 0, 0)]
 
 
 # ----------------------------------------------------------------------------- host syncs

@@ -126,7 +126,8 @@ def test_mlflow_a_resumed_fit_continues_the_same_run(tmp_path, mlruns):
     with pytest.raises(KeyboardInterrupt):
         fit(first, checkpoint_in(tmp_path / "b"), crash=True)
     client = mlflow_client(mlruns)
-    assert client.get_run(first.run_id).info.status == "RUNNING"  # no event follows an exception
+    interrupted = client.get_run(first.run_id)
+    assert interrupted.info.status == "KILLED" and interrupted.data.tags["functrain.exception"] == "KeyboardInterrupt: "
 
     second = ft.callbacks.MLflow(mlruns, experiment="resume")  # a new process: the run id comes from the checkpoint
     _, history = fit(second, checkpoint_in(tmp_path / "b"), resume=True)
@@ -139,6 +140,22 @@ def test_mlflow_a_resumed_fit_continues_the_same_run(tmp_path, mlruns):
     # Step 8 was logged by the interrupted run after its checkpoint (step 6), and again, equal, by the resumed one.
     again = [point for point in logged(history, "train", "loss") if point[0] == 8]
     assert sorted(points) == sorted(logged(history, "train", "loss") + again)
+
+
+def test_mlflow_a_fit_that_fails_ends_its_run_failed_with_the_error_and_its_checkpoints(tmp_path, mlruns):
+    from tests.test_loop import Raise
+
+    tracker = ft.callbacks.MLflow(mlruns, experiment="failed", log_checkpoints=True)
+    checkpoint = ft.callbacks.Checkpoint(tmp_path, every_steps=3)
+    _, step, _, state, loader = make_problem()
+    with pytest.raises(FloatingPointError):
+        callbacks = [checkpoint, tracker, Raise(7, FloatingPointError("loss is nan"))]
+        ft.fit(step, state, loader, epochs=2, callbacks=callbacks, device="cpu")
+    run = mlflow_client(mlruns).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    assert run.data.tags["functrain.exception"] == "FloatingPointError: loss is nan"
+    logged_files = [Path(a.path).name for a in mlflow_client(mlruns).list_artifacts(tracker.run_id, "checkpoints")]
+    assert logged_files == ["step-00000003.pt", "step-00000005.pt", "step-00000006.pt"]
 
 
 def test_mlflow_resume_into_a_store_without_the_run_warns_and_starts_a_new_one(mlruns):
@@ -192,7 +209,7 @@ def finished_records(run_dir: Path, timeout: float = 20.0) -> list:
 
 
 def wandb_run(run_dir: Path) -> dict:
-    """What an offline run holds: its id, config, metrics by name as [(step, value)], artifacts, exit code."""
+    """What an offline run holds: its id, config, metrics by name as [(step, value)], artifacts, summary, exit code."""
     run = {"history": defaultdict(list), "artifacts": []}
     for record in finished_records(run_dir):
         kind = record.WhichOneof("record_type")
@@ -208,6 +225,8 @@ def wandb_run(run_dir: Path) -> dict:
         elif kind == "artifact":
             files = [entry.path for entry in record.artifact.manifest.contents]
             run["artifacts"].append((record.artifact.name, files, list(record.artifact.aliases)))
+        elif kind == "summary":
+            run.setdefault("summary", {}).update({i.key: json.loads(i.value_json) for i in record.summary.update})
         elif kind == "exit":
             run["exit_code"] = record.exit.exit_code
     return run
@@ -255,16 +274,17 @@ def test_wandb_a_resumed_fit_continues_the_same_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(tracker, checkpoint_in(tmp_path / "b"), crash=True)
     run_id = tracker.run_id
-    assert tracker.run is not None  # left open: no event follows an exception
-    # The same callback resumes (MLflow's test resumes with a new one, the id read from the checkpoint): it first
-    # finishes the open run, with exit code 1. Offline, each part gets a directory named by its start time to the
-    # second, and the same id: the resumed part goes elsewhere, so that both are kept however fast the fits are.
+    assert tracker.run is None  # finished, as interrupted
+    # The same callback resumes (MLflow's test resumes with a new one, the id read from the checkpoint). Offline,
+    # each part gets a directory named by its start time to the second, and the same id: the resumed part goes
+    # elsewhere, so that both are kept however fast the fits are.
     tracker.directory = tmp_path / "resumed"
     _, history = fit(tracker, checkpoint_in(tmp_path / "b"), resume=True)
     assert tracker.run_id == run_id and history == uninterrupted
     interrupted, resumed = (wandb_run(d) for d in offline_runs(tmp_path / "wandb") + offline_runs(tmp_path / "resumed"))
     assert interrupted["id"] == resumed["id"] == run_id
-    assert (interrupted["exit_code"], resumed["exit_code"]) == (1, 0)
+    assert (interrupted["exit_code"], resumed["exit_code"]) == (130, 0)  # 130: interrupted
+    assert interrupted["summary"]["exception"] == "KeyboardInterrupt: "
     assert interrupted["history"]["train/loss"] == [p for p in logged(history, "train", "loss") if p[0] <= 8]
     assert resumed["history"]["train/loss"] == [p for p in logged(history, "train", "loss") if p[0] > 6]
     assert resumed["history"]["eval/acc"] == logged(history, "eval", "acc")[1:]  # step 5's came before step 6
