@@ -1,10 +1,12 @@
 """A compiled float32 run killed with SIGKILL and resumed in a fresh process, with an empty inductor cache, ends
 bitwise equal to an uninterrupted run in a third process (DESIGN.md 2a): nothing timed while compiling changes a
-default compiled step's numbers."""
+default compiled step's numbers, and the kernels loaded from the checkpoint's compile-cache.bin equal those
+compiled afresh."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +35,7 @@ import functrain as ft
 from functrain import _gemm
 from tests.test_loop import ShuffledLoader, classification
 
-directory, out, kill_at, favour = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+directory, out, kill_at, favour, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 _gemm.onednn_is_faster = lambda *operands: favour == "onednn"
 
 
@@ -49,7 +51,7 @@ g = torch.Generator().manual_seed(1)
 loader = ShuffledLoader(torch.randn(160, 64, generator=g), torch.randint(0, 10, (160,), generator=g), batch_size=16)
 tx = ft.adamw(lr=1e-2, weight_decay=1e-2)
 step = ft.make_train_step(model, classification, tx, compile=True)
-checkpoint = ft.callbacks.Checkpoint(directory, every_steps=4, every_epochs=None, keep=2)
+checkpoint = ft.callbacks.Checkpoint(directory, every_steps=4, every_epochs=None, keep=2, compile_cache=cache == "on")
 state, history = ft.fit(
     step, ft.TrainState.create(model, tx), loader, epochs=3, callbacks=[Kill()], checkpoint=checkpoint,
     resume=True, log_every=5, device="cpu",
@@ -59,9 +61,12 @@ torch.save({{"state": state, "history": history}}, out)
 """
 
 
-def run(tmp_path: Path, name: str, directory: Path, *, kill_at: int = 0, favour: str) -> subprocess.CompletedProcess:
+def run(
+    tmp_path: Path, name: str, directory: Path, *, kill_at: int = 0, favour: str, cache: str = "on"
+) -> subprocess.CompletedProcess:
     """Runs the script in a fresh process whose inductor and triton caches are new, empty directories (and
-    whose FX graph and AOT autograd caches are off): every graph is compiled cold."""
+    whose FX graph and AOT autograd caches are off): every graph is compiled cold, but for what the
+    checkpoint's compile-cache.bin holds when ``cache="on"`` (the compiled kernels, FX graphs being off)."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT.format(repo=str(REPO))))
     caches = tmp_path / f"caches-{name}"
@@ -73,7 +78,7 @@ def run(tmp_path: Path, name: str, directory: Path, *, kill_at: int = 0, favour:
         "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
     }
     out = tmp_path / f"out-{name}.pt"
-    args = [sys.executable, str(script), str(directory), str(out), str(kill_at), favour]
+    args = [sys.executable, str(script), str(directory), str(out), str(kill_at), favour, cache]
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -82,7 +87,9 @@ def run(tmp_path: Path, name: str, directory: Path, *, kill_at: int = 0, favour:
 def test_a_killed_compiled_run_resumes_bitwise_in_a_fresh_process_with_empty_caches(tmp_path):
     """Killed after step 13, resumed from step 12's checkpoint in a new process: params, buffers, optimiser state,
     step count and history bitwise equal to an uninterrupted run. The uninterrupted and killed processes' GEMM
-    timings favour oneDNN, the resumed one's ATen; a default compiled step runs no timing, so it does not matter."""
+    timings favour oneDNN, the resumed one's ATen; a default compiled step runs no timing, so it does not matter.
+    Resumed twice from the same files: with the kernels the killed process saved beside its checkpoints (the
+    default), and compiled from nothing (Checkpoint(compile_cache=False), the file removed)."""
     full = run(tmp_path, "full", tmp_path / "ckpt-full", favour="onednn")
     assert full.returncode == 0, full.stderr
     directory = tmp_path / "ckpt"
@@ -90,13 +97,19 @@ def test_a_killed_compiled_run_resumes_bitwise_in_a_fresh_process_with_empty_cac
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "out-killed.pt").exists()
     assert sorted(p.name for p in directory.glob("step-*.pt")) == ["step-00000008.pt", "step-00000012.pt"]
-    resumed = run(tmp_path, "resumed", directory, favour="aten")
-    assert resumed.returncode == 0, resumed.stderr
+    assert (directory / "compile-cache.bin").is_file()
+    cold = tmp_path / "ckpt-cold"
+    shutil.copytree(directory, cold)
+    (cold / "compile-cache.bin").unlink()
+    for name, folder, cache in [("resumed", directory, "on"), ("resumed-cold", cold, "off")]:
+        resumed = run(tmp_path, name, folder, favour="aten", cache=cache)
+        assert resumed.returncode == 0, resumed.stderr
 
     expected = torch.load(tmp_path / "out-full.pt", weights_only=True)
-    result = torch.load(tmp_path / "out-resumed.pt", weights_only=True)
-    assert int(result["state"].step) == 30
-    for name, param in expected["state"].params.items():
-        assert torch.equal(result["state"].params[name], param), name
-    assert_bitwise_equal(result["state"], expected["state"])  # every leaf: params, buffers, opt_state, step
-    assert result["history"] == expected["history"]
+    for name in ("resumed", "resumed-cold"):
+        result = torch.load(tmp_path / f"out-{name}.pt", weights_only=True)
+        assert int(result["state"].step) == 30
+        for key, param in expected["state"].params.items():
+            assert torch.equal(result["state"].params[key], param), (name, key)
+        assert_bitwise_equal(result["state"], expected["state"])  # every leaf: params, buffers, opt_state, step
+        assert result["history"] == expected["history"]
