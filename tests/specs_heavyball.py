@@ -153,7 +153,7 @@ SPECS = [
         SOAP_OPTIONS,
         base={"lr": 0.01},
         converge={"lr": 0.02, "weight_decay": 0.0},
-        rounding_gain=1e5,
+        rounding_gain=5e5,  # the measured gain (up to 1.85e5), with room for other machines' LAPACK
         bad=[
             ({"lr": -1.0}, "lr"),
             ({"betas": (1.0, 0.95)}, "betas[0]"),
