@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching _HAS_FOREA
 
 Tree = Any
 
-leaves = pytree.tree_leaves
 flatten = pytree.tree_flatten
 unflatten = pytree.tree_unflatten
 
@@ -142,16 +141,16 @@ def check_updates(updates: Tree, params: Tree | None) -> tuple:
 
 def check_tensors(updates: Tree) -> None:
     """Every leaf of ``updates`` is a tensor: a ``None`` gradient or a float is named by its key."""
-    _check_tensors(updates, pytree.tree_leaves(updates))
+    _check_tensors(updates, leaves(updates))
 
 
 def _check_tensors(updates: Tree, flat: list) -> None:
-    if not all(isinstance(leaf, Tensor) for leaf in flat):
-        key, leaf = next((k, x) for k, x in zip(_keyed_leaves(updates), flat) if not isinstance(x, Tensor))
-        raise TreeMismatchError(f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor")
-    if not all(leaf.layout is torch.strided for leaf in flat):
-        key, leaf = next((k, x) for k, x in zip(_keyed_leaves(updates), flat) if x.layout is not torch.strided)
-        _refuse_sparse("updates (gradients)", key, leaf)
+    for i, leaf in enumerate(flat):  # one plain loop: traced on every compiled update
+        if not isinstance(leaf, Tensor):
+            key = _keyed_leaves(updates)[i]
+            raise TreeMismatchError(f"updates (gradients) at {key or '<root>'} is {type(leaf).__name__}, not a tensor")
+        if leaf.layout is not torch.strided:
+            _refuse_sparse("updates (gradients)", _keyed_leaves(updates)[i], leaf)
 
 
 def _refuse_sparse(name: str, key: str, tensor: Tensor) -> None:
@@ -230,7 +229,10 @@ def complex_leaves(tree: Tree) -> list[tuple[str, Tensor]]:
 
 
 def has_complex(tree: Tree) -> bool:
-    return any(isinstance(x, Tensor) and x.is_complex() for x in pytree.tree_leaves(tree))
+    for x in leaves(tree):  # a loop, not any(...): traced on every compiled update (see _tensor_dicts_keys)
+        if isinstance(x, Tensor) and x.is_complex():
+            return True
+    return False
 
 
 def as_real(tree: Tree) -> Tree:
@@ -248,8 +250,36 @@ def as_complex_like(tree: Tree, like: Tree) -> Tree:
     return pytree.tree_map(lambda x, ref: torch.view_as_complex(x) if ref.is_complex() else x, tree, like)
 
 
+def _tensor_dicts_keys(trees: tuple[Tree, ...]) -> list | None:
+    """The keys, when every tree is a plain dict of tensors with the same keys in the same order (a
+    params or gradients dict, an optimiser's moments: the common case); else ``None``.
+
+    Such trees are mapped key by key, which is exactly what pytree gives for them (a dict flattens
+    to its values in insertion order) without building its specs: under ``torch.compile`` dynamo
+    traces pytree's Python op by op, and that took half the time of tracing a GPT's train step.
+    Plain loops, not ``all(...)`` over generators: dynamo traces those at several times the cost."""
+    if type(trees[0]) is not dict:
+        return None
+    keys = list(trees[0])
+    for tree in trees:
+        if type(tree) is not dict or list(tree) != keys:
+            return None
+        for value in tree.values():
+            if not isinstance(value, Tensor):
+                return None  # a nested container or None: pytree's walk decides
+    return keys
+
+
+def leaves(tree: Tree) -> list:
+    """The leaves of ``tree`` in pytree's order."""
+    return list(tree.values()) if _tensor_dicts_keys((tree,)) is not None else pytree.tree_leaves(tree)
+
+
 def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 - tree.map reads well
     """``fn`` applied leaf by leaf over trees of one structure (checked, with the first differing key)."""
+    keys = _tensor_dicts_keys((tree, *rest))
+    if keys is not None:
+        return dict(zip(keys, [fn(*xs) for xs in zip(tree.values(), *(other.values() for other in rest))]))
     flat, spec = pytree.tree_flatten(tree)
     others = []
     for other in rest:
@@ -262,6 +292,10 @@ def map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:  # noqa: A001 
 
 def map_many(fn: Callable[..., tuple], tree: Tree, *rest: Tree, n: int) -> tuple[Tree, ...]:
     """Like :func:`map` for an ``fn`` that returns a tuple of ``n`` tensors; returns ``n`` trees."""
+    keys = _tensor_dicts_keys((tree, *rest))
+    if keys is not None:
+        results = [fn(*xs) for xs in zip(tree.values(), *(other.values() for other in rest))]
+        return tuple(dict(zip(keys, [r[i] for r in results])) for i in range(n))
     flat, spec = pytree.tree_flatten(tree)
     for other in rest:
         if pytree.tree_structure(other) != spec:
@@ -312,11 +346,13 @@ _HAS_FOREACH = _group_tensors_by_device_and_dtype is not None and all(
 )
 
 
-def fast_path_ok(tree_leaves: Sequence[Tensor]) -> bool:
-    """Whether the ``torch._foreach_*`` path may run: plain eager mode, nothing to differentiate."""
-    if not _HAS_FOREACH or not tree_leaves or tracing():
+def fast_path_ok(tree: Tree) -> bool:
+    """Whether the ``torch._foreach_*`` path may run over ``tree``'s leaves (a tree, or a list of its
+    leaves): plain eager mode, nothing to differentiate. Traced, the leaves are never walked."""
+    if not _HAS_FOREACH or tracing():
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tree_leaves))
+    flat = leaves(tree)
+    return bool(flat) and not (torch.is_grad_enabled() and any(t.requires_grad for t in flat))
 
 
 def foreach_map(fn: Callable[..., Sequence[list[Tensor]]], *trees: Tree) -> tuple[Tree, ...]:
@@ -364,7 +400,7 @@ def scalar_for(value: float | Tensor, like: Tensor) -> float | Tensor:
 
 def add(a: Tree, b: Tree) -> Tree:
     """``a + b`` leaf by leaf, each result in ``a``'s dtype (so bf16 params stay bf16)."""
-    if fast_path_ok(leaves(a)):
+    if fast_path_ok(a):
         return foreach_map(lambda xs, ys: (torch._foreach_add(xs, ys),), a, _cast_like(b, a))[0]
     return map(lambda x, y: x + y.to(x.dtype), a, b)
 
@@ -372,7 +408,7 @@ def add(a: Tree, b: Tree) -> Tree:
 def add_(a: Tree, b: Tree) -> Tree:
     """``a += b`` leaf by leaf, in place (``b`` cast to each leaf's dtype); returns ``a``."""
     b = _cast_like(b, a)
-    if fast_path_ok(leaves(a)):
+    if fast_path_ok(a):
         foreach_map(_foreach_add_into, a, b)
     else:
         map(lambda x, y: x.add_(y), a, b)
@@ -400,14 +436,14 @@ def full_like(tree: Tree, value: float | Tensor) -> Tree:
 
 def scale(tree: Tree, factor: float | Tensor) -> Tree:
     """``factor * tree``."""
-    if fast_path_ok(leaves(tree)):
+    if fast_path_ok(tree):
         return foreach_map(lambda xs: (torch._foreach_mul(xs, scalar_for(factor, xs[0])),), tree)[0]
     return map(lambda t: t * scalar_for(factor, t), tree)
 
 
 def add_scaled(a: Tree, b: Tree, factor: float | Tensor) -> Tree:
     """``a + factor * b``."""
-    if fast_path_ok(leaves(a)):
+    if fast_path_ok(a):
 
         def fused(xs, ys):
             f = scalar_for(factor, xs[0])
@@ -431,13 +467,15 @@ def _key_name(key: Any) -> str:
 def named_leaves(tree: Tree) -> list[tuple[str, Tensor]]:
     """``(name, leaf)`` pairs, the name joining the keys with dots as ``named_parameters`` does
     (``{"fc": {"weight": w}}`` gives ``"fc.weight"``; a flat ``named_parameters`` dict keeps its keys)."""
+    if _tensor_dicts_keys((tree,)) is not None:
+        return [(str(key), leaf) for key, leaf in tree.items()]  # as the general walk names a dict's leaves
     paths, _ = pytree.tree_flatten_with_path(tree)
     return [(".".join(_key_name(k) for k in path), leaf) for path, leaf in paths]
 
 
 def scaled_sum(a: Tree, alpha: float | Tensor, b: Tree, beta: float | Tensor) -> Tree:
     """``alpha * a + beta * b`` leaf by leaf, in one new tensor per leaf."""
-    if fast_path_ok(leaves(a)):
+    if fast_path_ok(a):
 
         def fused(xs, ys):
             out = torch._foreach_mul(xs, scalar_for(alpha, xs[0]))  # the one allocation; the rest in place
@@ -540,8 +578,15 @@ def state_nodes(state: Any, path: str = "") -> list[tuple[str, Any]]:
 
 
 def find_states(state: Any, cls: type) -> list[Any]:
-    """Every ``cls`` instance inside ``state`` (chain tuples, NamedTuple states, partition's dicts), outermost first."""
-    return [node for _, node in state_nodes(state) if isinstance(node, cls)]
+    """Every ``cls`` instance inside ``state`` (chain tuples, NamedTuple states, partition's dicts), outermost
+    first (the order of :func:`state_nodes`). Tensors hold no state, so they are not visited: a train step
+    looks for its loss scale on every call, and under ``torch.compile`` each visit is traced."""
+    found = [state] if isinstance(state, cls) else []
+    children = state.values() if isinstance(state, dict) else state if isinstance(state, (tuple, list)) else ()
+    for child in children:
+        if not isinstance(child, Tensor):
+            found.extend(find_states(child, cls))
+    return found
 
 
 def replace_node(tree: Any, old: Any, new: Any) -> Any:

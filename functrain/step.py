@@ -210,6 +210,9 @@ class _Forward:
         self.module = _LossModule(_stateless_copy(model, training), loss_fn)
         self.expected = {k: tuple(v.shape) for k, v in [*model.named_parameters(), *model.named_buffers()]}
         self.autocast_dtype = _PRECISIONS[precision]
+        # functional_call's tie_weights walks every module on each call (traced, under compile) for tensors
+        # reachable under two names; a model's ties are fixed, so they are looked for once, here.
+        self.tie_weights = _has_tied_tensors(model)
 
     @property
     def model(self) -> nn.Module:
@@ -245,10 +248,21 @@ class _Forward:
 
     def _run(self, params: Params, buffers: dict[str, Tensor], batch: Batch) -> Any:
         if self.autocast_dtype is None:
-            return torch.func.functional_call(self.module, _prefixed(params, buffers), (batch,))
+            return self._call(params, buffers, batch)
         device = next(iter(params.values())).device.type if params else "cpu"
         with torch.autocast(device, dtype=self.autocast_dtype):
-            return torch.func.functional_call(self.module, _prefixed(params, buffers), (batch,))
+            return self._call(params, buffers, batch)
+
+    def _call(self, params: Params, buffers: dict[str, Tensor], batch: Batch) -> Any:
+        tensors = _prefixed(params, buffers)
+        return torch.func.functional_call(self.module, tensors, (batch,), tie_weights=self.tie_weights)
+
+
+def _has_tied_tensors(model: nn.Module) -> bool:
+    """Whether a parameter or buffer of ``model`` is reachable under two names (an output layer
+    sharing the embedding's weight): ``functional_call`` then sets both names from the one given."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return len({id(t) for _, t in named}) < len(named)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -431,7 +445,7 @@ def make_train_step(
         or compiled without ``traced_autograd``; ``torch.autograd.grad`` everywhere else. The params
         ``tx`` declares ``frozen`` are not differentiated (their backward is never run): zeros stand in
         for their gradients, which ``tx`` does not read."""
-        by_autograd = mesh is not None or traced_autograd or _tree.fast_path_ok(_tree.leaves(params))
+        by_autograd = mesh is not None or traced_autograd or _tree.fast_path_ok(params)
         differentiate = autograd_grad_and_loss if by_autograd else functorch_grad_and_loss
         grads, losses, metrics = None, [], []
         for part in _microbatches("train step", batch, microbatches):

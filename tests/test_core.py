@@ -348,3 +348,51 @@ def test_an_unbounded_check_names_nan_instead_of_failing_to_format():
 
     with pytest.raises(ValueError, match=r"owner: x must be a number \(not NaN\), got nan"):
         _validate.in_range("owner", "x", float("nan"))
+
+
+# ----------------------------------------------------------------------------- tree maths on plain dicts
+
+
+def _pytree_map(fn, tree, *rest):
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(fn, tree, *rest)
+
+
+@pytest.mark.parametrize(
+    "trees",
+    [
+        [{"b": torch.ones(2), "a": torch.zeros(3)}, {"b": torch.full((2,), 2.0), "a": torch.ones(3)}],  # a flat dict
+        [{"w": torch.ones(2), "inner": {"v": torch.ones(1)}}, {"w": torch.ones(2), "inner": {"v": torch.ones(1)}}],
+        [{"w": torch.ones(2), "skip": None}, {"w": torch.ones(2), "skip": None}],  # None: no leaf to pytree
+        [{"w": torch.ones(2), "n": 3.0}, {"w": torch.ones(2), "n": 4.0}],  # a float leaf
+    ],
+    ids=["flat", "nested", "none", "float"],
+)
+def test_tree_maths_on_dicts_give_pytrees_walk(trees):
+    """Plain dicts of tensors are mapped without pytree's specs (dynamo traces those op by op); the results,
+    leaves and names are pytree's, for those dicts and for the dicts that take the general walk."""
+    import torch.utils._pytree as pytree
+
+    def fn(x, y):
+        return x + y if isinstance(x, torch.Tensor) else (x, y)
+
+    mapped = _tree.map(fn, *trees)
+    expected = _pytree_map(fn, *trees)
+    assert pytree.tree_structure(mapped) == pytree.tree_structure(expected) and list(mapped) == list(expected)
+    for x, y in zip(pytree.tree_leaves(mapped), pytree.tree_leaves(expected)):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    pairs = _tree.map_many(lambda x, y: (x, y), *trees, n=2)
+    assert [pytree.tree_structure(p) for p in pairs] == [pytree.tree_structure(trees[0])] * 2
+    assert [id(x) for x in _tree.leaves(trees[0])] == [id(x) for x in pytree.tree_leaves(trees[0])]
+    names = [name for name, _ in _tree.named_leaves(trees[0])]
+    paths = [".".join(str(k.key) for k in path) for path, _ in pytree.tree_flatten_with_path(trees[0])[0]]
+    assert names == paths
+
+
+def test_dicts_with_the_same_keys_in_another_order_are_refused_by_key():
+    a = {"w": torch.ones(2), "b": torch.ones(1)}
+    with pytest.raises(_tree.TreeMismatchError, match="first differing key"):
+        _tree.map(torch.add, a, {"b": torch.ones(1), "w": torch.ones(2)})
+    with pytest.raises(_tree.TreeMismatchError, match="first differing key"):
+        _tree.map_many(lambda x, y: (x, y), a, {"w": torch.ones(2)}, n=2)

@@ -723,3 +723,37 @@ def test_eager_autograd_gradients_equal_the_functorch_path(monkeypatch):
     slow, slow_metrics = run_steps(ft.make_train_step(model, classification, tx), ft.TrainState.create(model, tx), data)
     assert_trees_equal(fast, slow, rtol=1e-12)
     torch.testing.assert_close(fast_metrics, slow_metrics, rtol=1e-12, atol=0)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight, as GPT-2 ties them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(11, 8, dtype=torch.float64)
+        self.mix = nn.Linear(8, 8, dtype=torch.float64)
+        self.head = nn.Linear(8, 11, bias=False, dtype=torch.float64)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_tied_weights_train_as_one_tensor_like_torch(compile):
+    """The state holds the tied weight once; the step's gradient for it sums both uses, as backward does."""
+
+    def lm_loss(model, tokens):
+        return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 11, (4, 6), generator=g) for _ in range(3)]
+    model = TiedLM()
+    tx = ft.adamw(lr=1e-2, weight_decay=0.1)
+    state = ft.TrainState.create(model, tx)
+    assert sorted(state.params) == ["embed.weight", "mix.bias", "mix.weight"]
+    state, _ = run_steps(ft.make_train_step(model, lm_loss, tx, compile=compile), state, data)
+    make_opt = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)  # noqa: E731
+    expected, _ = run_torch(TiedLM(), make_opt, [(t, None) for t in data], loss=lambda m, b: (lm_loss(m, b[0]), {}))
+    assert_trees_equal(state.params, expected, rtol=1e-12 if compile else 0.0)

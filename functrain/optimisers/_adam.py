@@ -185,6 +185,6 @@ def _kernel_runs(updates, state, params) -> bool:
         and len(state) > 0
         and isinstance(state[0], (ScaleByAdamState, ScaleByAmsgradState))
         and _tree.fast_path_ok(leaves)
-        and _tree.fast_path_ok(_tree.leaves(params))
+        and _tree.fast_path_ok(params)
         and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in leaves)
     )

@@ -52,7 +52,7 @@ def scale_by_adam(
     def update(updates, state, params=None, **extra):
         count = state.count + 1
         bc1, bc2_sqrt = _bias_corrections(count, b1, b2)
-        if _tree.fast_path_ok(_tree.leaves(updates)):
+        if _tree.fast_path_ok(updates):
             mu, nu, out = _tree.foreach_map(
                 lambda gs, ms, vs: _adam_foreach(gs, ms, vs, None, b1, b2, eps, bc1, bc2_sqrt),
                 updates,
@@ -93,7 +93,7 @@ def scale_by_amsgrad(
     def update(updates, state, params=None, **extra):
         count = state.count + 1
         bc1, bc2_sqrt = _bias_corrections(count, b1, b2)
-        if _tree.fast_path_ok(_tree.leaves(updates)):
+        if _tree.fast_path_ok(updates):
             mu, nu, nu_max, out = _tree.foreach_map(
                 lambda gs, ms, vs, vmaxs: _adam_foreach(gs, ms, vs, vmaxs, b1, b2, eps, bc1, bc2_sqrt),
                 updates,

@@ -119,7 +119,7 @@ def trace(decay: float | Tensor, nesterov: bool = False, dampening: float | Tens
             grad_weight = 1.0
         else:
             grad_weight = torch.where(state.count == 0, 1.0, 1.0 - torch.as_tensor(dampening, dtype=torch.float64))
-        if _tree.fast_path_ok(_tree.leaves(updates)):
+        if _tree.fast_path_ok(updates):
             new_trace, out = _trace_foreach(updates, state.trace, decay, grad_weight, nesterov)
         else:
             new_trace = _tree.map(

@@ -28,7 +28,7 @@ def clip(max_delta: float | Tensor) -> GradientTransformation:
     _validate.in_range("clip", "max_delta", max_delta, 0.0)
 
     def update(updates, state, params=None, **extra):
-        if not isinstance(max_delta, Tensor) and _tree.fast_path_ok(_tree.leaves(updates)):
+        if not isinstance(max_delta, Tensor) and _tree.fast_path_ok(updates):
 
             def clamp(us):
                 out = torch._foreach_clamp_min(us, -max_delta)  # torch's order: clamp_min, then clamp_max

@@ -42,7 +42,7 @@ def _foreach_divide_by_root_plus_eps(gs: list[Tensor], sums: list[Tensor], eps) 
 
 
 def _fast(updates) -> bool:
-    return _tree.fast_path_ok(_tree.leaves(updates))
+    return _tree.fast_path_ok(updates)
 
 
 def _initial(params: Params, value) -> Params:

@@ -77,7 +77,7 @@ def ema_params(decay: Hyperparameter = 0.999) -> GradientTransformation:
         new_params = _tree.add(params, updates)  # exactly what apply_updates will produce
         weight = 1 - value_at(decay, state.count)
         first = state.count == 0  # AveragedModel copies then, rather than lerping with weight 1
-        if _tree.fast_path_ok(_tree.leaves(state.ema)):
+        if _tree.fast_path_ok(state.ema):
             # One multi-tensor lerp per (device, dtype) group, its weight 1 on the first update:
             # lerp(e, p, 1) computes p - (p - e) * 0, which is p exactly for finite e (the copy).
             weight_now = torch.where(first, 1.0, torch.as_tensor(weight, dtype=torch.float64, device=first.device))
