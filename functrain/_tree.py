@@ -557,14 +557,15 @@ def device_dtype_groups(tensors: Sequence[Tensor]) -> list[list[Tensor]]:
 # ----------------------------------------------------------------------------- walking optimiser states
 
 
-def _children(node: Any) -> list[tuple[str, Any]]:
-    """``(key, child)`` of a state node: a NamedTuple's fields, a tuple's or list's items, a dict's values."""
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    """``(key, child)`` of a state node: a NamedTuple's fields, a tuple's or list's items (by index), a
+    dict's values (by key)."""
     if isinstance(node, tuple) and hasattr(type(node), "_fields"):
         return [(field, getattr(node, field)) for field in node._fields]
     if isinstance(node, (tuple, list)):
-        return [(str(i), child) for i, child in enumerate(node)]
+        return list(enumerate(node))
     if isinstance(node, dict):
-        return [(str(key), child) for key, child in node.items()]
+        return list(node.items())
     return []
 
 
@@ -573,7 +574,7 @@ def state_nodes(state: Any, path: str = "") -> list[tuple[str, Any]]:
     each node before its children: the one walk that finds a wrapper's state at any depth."""
     found = [(path, state)]
     for key, child in _children(state):
-        found.extend(state_nodes(child, f"{path}.{key}" if path else key))
+        found.extend(state_nodes(child, f"{path}.{key}" if path else str(key)))
     return found
 
 
@@ -582,8 +583,7 @@ def find_states(state: Any, cls: type) -> list[Any]:
     first (the order of :func:`state_nodes`). Tensors hold no state, so they are not visited: a train step
     looks for its loss scale on every call, and under ``torch.compile`` each visit is traced."""
     found = [state] if isinstance(state, cls) else []
-    children = state.values() if isinstance(state, dict) else state if isinstance(state, (tuple, list)) else ()
-    for child in children:
+    for _, child in _children(state):
         if not isinstance(child, Tensor):
             found.extend(find_states(child, cls))
     return found

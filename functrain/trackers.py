@@ -334,13 +334,15 @@ class MLflow(_Tracker):
         if loop.stop_reason is not None:
             self.client.set_tag(self.run_id, "functrain.stop_reason", loop.stop_reason)
         self.client.set_terminated(self.run_id, "FINISHED")
+        self.client = None  # the run is over: nothing more goes to it
 
     def _open(self) -> bool:
-        return self.client is not None and self.client.get_run(self.run_id).info.status == "RUNNING"
+        return self.client is not None
 
     def _fail(self, exception: BaseException) -> None:
         self.client.set_tag(self.run_id, "functrain.exception", _describe(exception))
         self.client.set_terminated(self.run_id, "KILLED" if _interrupted(exception) else "FAILED")
+        self.client = None
 
 
 class WandB(_Tracker):
