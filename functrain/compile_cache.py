@@ -22,6 +22,9 @@ the compile finds every graph and kernel there. The file is a zip archive holdin
   an empty cache directory reaches its first step as fast as one with a warm cache. Also the small
   probe libraries inductor builds once per cache directory to check which vector
   instructions the compiler supports (``*.so.load_ok``): a second or so each.
+- The traces of the steps built with ``compile={"precompile": True}`` (``functrain/_precompile.py``):
+  a step's whole compile, dynamo's trace included, which a new process uses without tracing,
+  only for the step it was traced from (same closure, sources, module values and settings).
 
 Each kernel's name is a hash of its source and of the full compiler command (compiler version,
 flags, the instruction set chosen for this CPU, include paths), so a kernel from another machine is
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import os
@@ -58,6 +62,7 @@ from typing import Any
 
 import torch
 
+from . import _precompile
 from .checkpoint import _atomic_write
 
 FORMAT = "functrain.compile_cache/1"
@@ -76,7 +81,8 @@ def save_compile_cache(path: str | os.PathLike) -> Path | None:
     functrain's), merged with what the file at ``path`` already holds: an entry that this process
     did not use (a graph compiled by an earlier run, such as an evaluation step this run has not
     reached yet) is kept. When the file already holds everything, it is left as it is. The write
-    is atomic, as a checkpoint's (see :mod:`functrain.checkpoint`).
+    is atomic, as a checkpoint's (see :mod:`functrain.checkpoint`). The traces of this process's
+    precompiled steps (``compile={"precompile": True}``) go in too, replacing those steps' earlier ones.
 
     Args:
         path: the file to write; its directory must exist.
@@ -108,10 +114,16 @@ def save_compile_cache(path: str | os.PathLike) -> Path | None:
     path = Path(path)
     blob, keys = _artifacts()
     kernels = _kernels()
-    if blob is None and not kernels:
+    steps = _precompile.saved_entries()
+    if blob is None and not kernels and not steps:
         return None
     old = _read(path, "save_compile_cache", quiet=True)
-    if old is not None and keys <= _all_keys(old) and set(kernels) <= set(old["kernels"]):
+    if (
+        old is not None
+        and keys <= _all_keys(old)
+        and set(kernels) <= set(old["kernels"])
+        and {_digest(s) for s in steps} <= {_digest(s) for s in old["steps"]}
+    ):
         return path  # nothing new since the file was written
     blobs = [] if blob is None else [(blob, keys)]
     files = {name: file.read_bytes() for name, file in kernels.items()}
@@ -120,6 +132,8 @@ def save_compile_cache(path: str | os.PathLike) -> Path | None:
         # when a compile uses them. One they hold is dropped, so the file does not grow with each save.
         blobs += [(data, old_keys) for data, old_keys in old["blobs"] if not old_keys <= keys]
         files.update({name: data for name, data in old["files"].items() if name not in files})
+        # A precompiled step's traces from this process replace that step's earlier ones.
+        steps += [s for s in old["steps"] if s["key"] not in {new["key"] for new in steps}]
     manifest = {
         "format": FORMAT,
         "torch": torch.version.__version__,
@@ -127,6 +141,9 @@ def save_compile_cache(path: str | os.PathLike) -> Path | None:
         "machine": platform.machine(),
         "blobs": [{"name": f"artifacts/{i}.bin", "keys": _as_json(k)} for i, (_, k) in enumerate(blobs)],
         "kernels": sorted(files),
+        "steps": [
+            {"name": f"steps/{i}.bin", **{k: v for k, v in step.items() if k != "data"}} for i, step in enumerate(steps)
+        ],
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
@@ -135,6 +152,8 @@ def save_compile_cache(path: str | os.PathLike) -> Path | None:
             archive.writestr(entry["name"], data)
         for name in manifest["kernels"]:
             archive.writestr(f"kernels/{name}", files[name])
+        for entry, step in zip(manifest["steps"], steps):
+            archive.writestr(entry["name"], step["data"])
     data = buffer.getvalue()
     _atomic_write(path, lambda file: file.write(data))
     return path
@@ -177,6 +196,7 @@ def load_compile_cache(path: str | os.PathLike) -> bool:
         for data, _ in cache["blobs"]:
             if torch.compiler.load_cache_artifacts(data) is None:
                 raise ValueError("torch.compiler.load_cache_artifacts could not read its compiled graphs")
+        _precompile.add_pending(cache["steps"])  # checked and loaded by their steps' first calls
     except Exception as error:  # a cache is never worth a crash: the step compiles without it
         warnings.warn(
             f"load_compile_cache: ignoring '{path}' ({type(error).__name__}: {error}); the step compiles afresh",
@@ -207,6 +227,9 @@ def _read(path: Path, owner: str, quiet: bool = False) -> dict[str, Any] | None:
             # ZipFile.read checks each member against its CRC-32: a flipped bit is an error, not a kernel.
             blobs = [(archive.read(b["name"]), _keys_of(b["keys"])) for b in manifest["blobs"]]
             files = {name: archive.read(f"kernels/{name}") for name in manifest["kernels"]}
+            steps = [{**entry, "data": archive.read(entry["name"])} for entry in manifest.get("steps", [])]
+            for step in steps:
+                del step["name"]
     except Exception as error:  # whatever is wrong with the file, the step compiles without it
         if not quiet:
             warnings.warn(
@@ -215,7 +238,7 @@ def _read(path: Path, owner: str, quiet: bool = False) -> dict[str, Any] | None:
                 stacklevel=3,
             )
         return None
-    return {"blobs": blobs, "files": files, "kernels": manifest["kernels"]}
+    return {"blobs": blobs, "files": files, "kernels": manifest["kernels"], "steps": steps}
 
 
 class _Incompatible(Exception):
@@ -250,9 +273,31 @@ def _check_manifest(manifest: Any) -> None:
         and all(isinstance(b, dict) and isinstance(b.get("name"), str) and "keys" in b for b in manifest["blobs"])
         and isinstance(manifest.get("kernels"), list)
         and all(isinstance(name, str) and _KERNEL.fullmatch(name) for name in manifest["kernels"])
+        and isinstance(manifest.get("steps", []), list)
+        and all(_is_step_entry(entry) for entry in manifest.get("steps", []))
     )
     if not ok:  # a kernel named "../x" would be written outside the cache directory: refused
         raise _NotOurs("its index is malformed")
+
+
+def _is_step_entry(entry: Any) -> bool:
+    """A precompiled step's index entry: its member's name, its key and its source and module digests."""
+
+    def digests(value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and re.fullmatch(r"steps/[0-9]+\.bin", entry["name"]) is not None
+        and isinstance(entry.get("key"), str)
+        and digests(entry.get("sources"))
+        and digests(entry.get("globals"))
+    )
+
+
+def _digest(step: dict[str, Any]) -> str:
+    return hashlib.sha256(step["data"]).hexdigest()
 
 
 def _keys_of(entry: Any) -> frozenset[tuple[str, str]]:
@@ -275,10 +320,11 @@ def _all_keys(cache: dict[str, Any]) -> frozenset[tuple[str, str]]:
 # ----------------------------------------------------------------------------- what this process compiled
 
 
-def _compiled_so_far() -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
-    """What :func:`save_compile_cache` would save now: the graph entries' keys and the kernels' names. It
+def _compiled_so_far() -> tuple[frozenset[tuple[str, str]], frozenset[str], int]:
+    """What :func:`save_compile_cache` would save now: the graph entries' keys, the kernels' names and
+    the number of precompiled traces (``compile={"precompile": True}``). It
     grows when a graph is compiled or found in a cache, so two readings tell whether anything was in between."""
-    return _artifacts()[1], frozenset(_kernels())
+    return _artifacts()[1], frozenset(_kernels()), _precompile.trace_count()
 
 
 def _artifacts() -> tuple[bytes | None, frozenset[tuple[str, str]]]:

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _sharding, _tree, _validate
+from . import _precompile, _sharding, _tree, _validate
 from .base import GradientTransformation, OptState, Params, register_state, step_count, update_and_apply
 from .loss_scale import LossScaleState
 
@@ -318,7 +318,11 @@ def make_train_step(
             kernels: an opt-in). The functrain key ``"cpu_gemm": "fastest"`` (default ``"aten"``)
             also opts in to timing: each float32 CPU GEMM runs on the faster of MKL and oneDNN for
             its shape, measured at compile time. Its numbers then depend on those timings: two cold
-            compiles (a resume in a new process) may differ at float32 rounding.
+            compiles (a resume in a new process) may differ at float32 rounding. The key
+            ``"precompile": True`` saves the step's trace in the compile cache file too, so that a
+            new process loading it neither traces nor compiles the step (torch's experimental AOT
+            precompile, checked against this step's closure, sources and settings: see
+            ``docs/concepts/compiling.md``).
         inplace: write the new params, buffers, optimiser state and step count into the input
             state's tensors instead of new ones (the returned state holds the same tensors). With
             ``compile``, inductor writes each result straight into its tensor, so a step needs no
@@ -655,13 +659,21 @@ def _checked(
     # one more graph for that size. With dynamo's automatic dynamic shapes it would retrace with a
     # symbolic batch size, and dropout under torch.func.grad cannot trace that: the step would fail.
     options.setdefault("dynamic", False)
+    precompile = options.pop("precompile", False)
+    if not isinstance(precompile, bool):
+        raise ValueError(f"compile['precompile'] must be True or False, got {precompile!r}")
     options = _with_gemm_pass(options)
-
-    def compiled(f: Callable | None) -> Callable | None:
-        return None if f is None else torch.compile(_with_own_code(f), **options)
-
-    source = fn if transformable else None
-    return _CompiledStep(compiled(source), compiled(autograd_fn), pure_eager, first_call, (source, options))
+    sources = {"transformable": fn if transformable else None, "by_autograd": autograd_fn}
+    own = {name: None if f is None else _with_own_code(f) for name, f in sources.items()}
+    compiled = {name: None if f is None else torch.compile(f, **options) for name, f in own.items()}
+    step = _CompiledStep(
+        compiled["transformable"], compiled["by_autograd"], pure_eager, first_call, (sources["transformable"], options)
+    )
+    if precompile:
+        # Plain calls run the autograd form (the transformable one for an eval step, which has no other).
+        plain = "by_autograd" if autograd_fn is not None else "transformable"
+        step._precompiled = _precompile.Precompiled(own[plain], compiled[plain], options, "compiled step")
+    return step
 
 
 _CUDA_NOTICE = "No CUDA runtime is found"
@@ -738,6 +750,7 @@ class _CompiledStep:
         self._vmappable = vmappable  # the uncompiled transformable step and its compile options, for ft.vmap
         self._checked = False
         self._trace_autograd = torch._dynamo.config.patch(trace_autograd_ops=True)  # entered per call, never global
+        self._precompiled: _precompile.Precompiled | None = None  # compile={"precompile": True}: plain calls
         functools.update_wrapper(self, pure_eager)
 
     def __getattr__(self, name: str) -> Any:  # what torch.compile's wrapper offers (e.g. dynamo's cache)
@@ -749,11 +762,16 @@ class _CompiledStep:
             self._first_call(*args, **kwargs)
             self._checked = True
         try:
-            if self._transformable is None or (
-                self._by_autograd is not None and not transformed and not _differentiated(args, kwargs)
-            ):
+            plain = self._transformable is None or (
+                (self._by_autograd or self._precompiled) is not None
+                and not transformed
+                and not _differentiated(args, kwargs)
+            )
+            if plain and self._by_autograd is not None:
                 with self._trace_autograd:
-                    return self._by_autograd(*args, **kwargs)
+                    return (self._precompiled or self._by_autograd)(*args, **kwargs)
+            if plain and self._precompiled is not None:  # an eval step's plain call
+                return self._precompiled(*args, **kwargs)
             return self._transformable(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise

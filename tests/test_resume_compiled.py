@@ -50,14 +50,15 @@ model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 g = torch.Generator().manual_seed(1)
 loader = ShuffledLoader(torch.randn(160, 64, generator=g), torch.randint(0, 10, (160,), generator=g), batch_size=16)
 tx = ft.adamw(lr=1e-2, weight_decay=1e-2)
-step = ft.make_train_step(model, classification, tx, compile=True)
-checkpoint = ft.callbacks.Checkpoint(directory, every_steps=4, every_epochs=None, keep=2, compile_cache=cache == "on")
+step = ft.make_train_step(model, classification, tx, compile={{"precompile": cache == "precompile"}})
+checkpoint = ft.callbacks.Checkpoint(directory, every_steps=4, every_epochs=None, keep=2, compile_cache=cache != "off")
 state, history = ft.fit(
     step, ft.TrainState.create(model, tx), loader, epochs=3, callbacks=[Kill()], checkpoint=checkpoint,
     resume=True, log_every=5, device="cpu",
 )
 assert all(p.dtype == torch.float32 for p in state.params.values())
-torch.save({{"state": state, "history": history}}, out)
+traced = any(k in torch._dynamo.utils.compilation_time_metrics for k in ("bytecode_tracing", "fullgraph_capture"))
+torch.save({{"state": state, "history": history, "traced": traced}}, out)
 """
 
 
@@ -65,8 +66,10 @@ def run(
     tmp_path: Path, name: str, directory: Path, *, kill_at: int = 0, favour: str, cache: str = "on"
 ) -> subprocess.CompletedProcess:
     """Runs the script in a fresh process whose inductor and triton caches are new, empty directories (and
-    whose FX graph and AOT autograd caches are off): every graph is compiled cold, but for what the
-    checkpoint's compile-cache.bin holds when ``cache="on"`` (the compiled kernels, FX graphs being off)."""
+    whose FX graph and AOT autograd caches are off, but for a precompiled step): every graph is compiled cold,
+    but for what the checkpoint's compile-cache.bin holds when ``cache="on"`` (the compiled kernels, FX graphs
+    being off);
+    ``cache="precompile"``: the step is built with ``compile={"precompile": True}``, and the file holds its trace."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT.format(repo=str(REPO))))
     caches = tmp_path / f"caches-{name}"
@@ -74,8 +77,9 @@ def run(
         **os.environ,
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
         "TRITON_CACHE_DIR": str(caches / "triton"),
-        "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
-        "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+        # (a precompiled step's trace is saved through these caches: torch cannot serialize it without them)
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1" if cache == "precompile" else "0",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1" if cache == "precompile" else "0",
     }
     out = tmp_path / f"out-{name}.pt"
     args = [sys.executable, str(script), str(directory), str(out), str(kill_at), favour, cache]
@@ -89,7 +93,8 @@ def test_a_killed_compiled_run_resumes_bitwise_in_a_fresh_process_with_empty_cac
     step count and history bitwise equal to an uninterrupted run. The uninterrupted and killed processes' GEMM
     timings favour oneDNN, the resumed one's ATen; a default compiled step runs no timing, so it does not matter.
     Resumed twice from the same files: with the kernels the killed process saved beside its checkpoints (the
-    default), and compiled from nothing (Checkpoint(compile_cache=False), the file removed)."""
+    default), and compiled from nothing (Checkpoint(compile_cache=False), the file removed). And a run with a
+    precompiled step (compile={"precompile": True}), killed alike, resumes from its file without tracing at all."""
     full = run(tmp_path, "full", tmp_path / "ckpt-full", favour="onednn")
     assert full.returncode == 0, full.stderr
     directory = tmp_path / "ckpt"
@@ -104,9 +109,15 @@ def test_a_killed_compiled_run_resumes_bitwise_in_a_fresh_process_with_empty_cac
     for name, folder, cache in [("resumed", directory, "on"), ("resumed-cold", cold, "off")]:
         resumed = run(tmp_path, name, folder, favour="aten", cache=cache)
         assert resumed.returncode == 0, resumed.stderr
+    precompiled = tmp_path / "ckpt-precompiled"
+    killed = run(tmp_path, "killed-precompiled", precompiled, kill_at=13, favour="onednn", cache="precompile")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run(tmp_path, "resumed-precompiled", precompiled, favour="aten", cache="precompile")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not torch.load(tmp_path / "out-resumed-precompiled.pt", weights_only=True)["traced"]
 
     expected = torch.load(tmp_path / "out-full.pt", weights_only=True)
-    for name in ("resumed", "resumed-cold"):
+    for name in ("resumed", "resumed-cold", "resumed-precompiled"):
         result = torch.load(tmp_path / f"out-{name}.pt", weights_only=True)
         assert int(result["state"].step) == 30
         for key, param in expected["state"].params.items():
