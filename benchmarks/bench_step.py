@@ -485,12 +485,15 @@ def _run_script(script: str, args: list[str], env: dict[str, str], timeout: floa
 
 
 @pytest.mark.benchmark(group="compile-time")
-@pytest.mark.parametrize("impl", ["functrain-compiled", "functrain-compiled-inplace", "torch-compiled"])
+@pytest.mark.parametrize(
+    "impl", ["functrain-compiled", "functrain-compiled-inplace", "functrain-precompiled", "torch-compiled"]
+)
 def test_compile_time(impl, bench_config, benchmark):
     """Time to the first step of the mlp-step model: two fresh processes on one new, empty
     TORCHINDUCTOR_CACHE_DIR, cold (nothing cached) then warm (the first one's caches), and a third on
     another empty one that loads the file the cold process saved with ``ft.save_compile_cache``
-    (``artifacts``: a resumed run, or the same script on another machine)."""
+    (``artifacts``: a resumed run, or the same script on another machine; for
+    ``functrain-precompiled``, built with ``compile={"precompile": True}``, the file holds its trace too)."""
     _skip_compiled_in_smoke(impl, bench_config)
     if bench_config.device.type != "cpu":
         pytest.skip("measured on CPU only")

@@ -16,7 +16,7 @@ in the time to first step (``load_s`` says how much of it); ``--load-graphs-only
 the part of it that ``torch.compiler.save_cache_artifacts`` wrote, with
 ``torch.compiler.load_cache_artifacts``: torch's own warm start, without the C++ kernels.
 
-Warm starts (``--compare``): for each model and run, six fresh processes, each on new, empty cache
+Warm starts (``--compare``): for each model and run, eight fresh processes, each on new, empty cache
 directories unless said otherwise:
 
 - *cold*: ``functrain-compiled``, empty cache; it saves the compile cache file;
@@ -25,6 +25,10 @@ directories unless said otherwise:
   first: a resumed run, or the same script on another machine with the same software stack;
 - *graphs only*: the same with only torch's artifacts loaded (``--load-graphs-only``): what
   ``torch.compiler.load_cache_artifacts`` gives on its own;
+- *precompiled cold* and *precompiled*: ``functrain-precompiled`` (``compile={"precompile":
+  True}``: the step's trace is saved in the file too), cold on an empty cache directory, saving its
+  file; then on another empty cache directory with that file loaded: the trace is loaded, not
+  made (``precompiled_traced_nothing`` checks that dynamo's tracing timers never ran);
 - *torch cold* and *torch warm*: ``torch.compile(model)`` with fused AdamW, on a cache directory
   of their own: the reference (the target: artifacts <= 1.5x torch warm).
 
@@ -60,7 +64,7 @@ import functrain as ft  # noqa: E402
 
 _IMPORTED = time.perf_counter()
 
-IMPLEMENTATIONS = ("functrain-compiled", "functrain-compiled-inplace", "torch-compiled")
+IMPLEMENTATIONS = ("functrain-compiled", "functrain-compiled-inplace", "functrain-precompiled", "torch-compiled")
 SIZES = {"full": ((784, 512, 512, 10), 256), "smoke": ((8, 4, 4, 3), 8)}
 GPT_SIZES = {"full": gpt.FULL, "smoke": gpt.SMOKE}
 
@@ -77,7 +81,8 @@ def make_step(impl: str, model: nn.Module, loss=loss_fn):
 
         return run
     tx = ft.adamw(lr=1e-3, weight_decay=1e-2)
-    step = ft.make_train_step(model, loss, tx, compile=True, inplace=impl.endswith("inplace"))
+    compile = {"precompile": True} if impl == "functrain-precompiled" else True
+    step = ft.make_train_step(model, loss, tx, compile=compile, inplace=impl.endswith("inplace"))
     carry = {"state": ft.TrainState.create(model, tx)}
 
     def run(batch) -> None:
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- warm starts (--compare)
 
-CASES = ("cold", "warm", "artifacts", "graphs_only", "torch_cold", "torch_warm")
+CASES = ("cold", "warm", "artifacts", "graphs_only", "precompiled_cold", "precompiled", "torch_cold", "torch_warm")
 
 
 def _run(args: list[str], cache_dir: str) -> dict:
@@ -193,7 +198,7 @@ def _run(args: list[str], cache_dir: str) -> dict:
 
 
 def measure_once(model: str, scale: str) -> dict[str, dict]:
-    """The six cases of one run, each in a fresh process (see the module docstring)."""
+    """The eight cases of one run, each in a fresh process (see the module docstring)."""
     common = ["--model", model, "--scale", scale]
     with tempfile.TemporaryDirectory(prefix="functrain-compile-time-") as root:
         cache_file = os.path.join(root, "compile-cache.bin")
@@ -203,9 +208,13 @@ def measure_once(model: str, scale: str) -> dict[str, dict]:
         runs["warm"] = _run(functrain, os.path.join(root, "cold"))
         runs["artifacts"] = _run([*functrain, "--load-cache", cache_file], os.path.join(root, "artifacts"))
         runs["graphs_only"] = _run([*functrain, "--load-graphs-only", cache_file], os.path.join(root, "graphs"))
+        precompiled, precompiled_file = ["--impl", "functrain-precompiled", *common], cache_file + "-precompiled"
+        runs["precompiled_cold"] = _run([*precompiled, "--save-cache", precompiled_file], os.path.join(root, "pre"))
+        runs["precompiled"] = _run([*precompiled, "--load-cache", precompiled_file], os.path.join(root, "pre-load"))
         runs["torch_cold"] = _run(torch_, os.path.join(root, "torch"))
         runs["torch_warm"] = _run(torch_, os.path.join(root, "torch"))
         runs["artifacts"]["compile_cache_bytes"] = os.path.getsize(cache_file)
+        runs["precompiled"]["compile_cache_bytes"] = os.path.getsize(precompiled_file)
     return runs
 
 
@@ -243,6 +252,13 @@ def _summary(runs: list[dict[str, dict]]) -> dict:
     # Per run: the two measured within minutes of each other, so the machine's load moves both alike.
     summary["artifacts_over_torch_warm"] = stats(
         [r["artifacts"]["time_to_first_step_s"] / r["torch_warm"]["time_to_first_step_s"] for r in runs]
+    )
+    summary["precompiled_over_torch_warm"] = stats(
+        [r["precompiled"]["time_to_first_step_s"] / r["torch_warm"]["time_to_first_step_s"] for r in runs]
+    )
+    # A precompiled step loaded from the file traces nothing: dynamo's tracing timers never ran.
+    summary["precompiled_traced_nothing"] = all(
+        not {"bytecode_tracing", "fullgraph_capture"} & set(r["precompiled"]["phases_s"]) for r in runs
     )
     summary["artifacts_over_cold"] = stats(
         [r["artifacts"]["time_to_first_step_s"] / r["cold"]["time_to_first_step_s"] for r in runs]
