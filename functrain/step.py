@@ -665,7 +665,7 @@ def _checked(
     options = _with_gemm_pass(options)
     sources = {"transformable": fn if transformable else None, "by_autograd": autograd_fn}
     own = {name: None if f is None else _with_own_code(f) for name, f in sources.items()}
-    compiled = {name: None if f is None else torch.compile(f, **options) for name, f in own.items()}
+    compiled = {name: None if f is None else _compile(f, options) for name, f in own.items()}
     step = _CompiledStep(
         compiled["transformable"], compiled["by_autograd"], pure_eager, first_call, (sources["transformable"], options)
     )
@@ -674,6 +674,14 @@ def _checked(
         plain = "by_autograd" if autograd_fn is not None else "transformable"
         step._precompiled = _precompile.Precompiled(own[plain], compiled[plain], options, "compiled step")
     return step
+
+
+def _compile(fn: Callable, options: dict[str, Any]) -> Callable:
+    """``torch.compile(fn, **options)``, given its own copy of the nested inductor ``options`` dict:
+    torch.compile pops keys from it (``guard_filter_fn``, ``use_aoti``), and a step compiles up to
+    three functions with the same options (its two forms, and ``ft.vmap``'s)."""
+    nested = options.get("options")
+    return torch.compile(fn, **({**options, "options": dict(nested)} if isinstance(nested, dict) else options))
 
 
 _CUDA_NOTICE = "No CUDA runtime is found"
@@ -830,7 +838,7 @@ def vmap(step: Callable, in_dims: Any = 0, *, randomness: str = "error") -> Call
     def vmapped(*args: Any, **kwargs: Any) -> Any:  # the vmap call inside: dynamo traces it as one graph
         return torch.func.vmap(fn, in_dims=in_dims, randomness=randomness)(*args, **kwargs)
 
-    compiled = torch.compile(_with_own_code(vmapped), **options)
+    compiled = _compile(_with_own_code(vmapped), options)
     eager = torch.func.vmap(step._pure_eager, in_dims=in_dims, randomness=randomness)
     return _CompiledStep(compiled, None, eager, first_call=lambda *args, **kwargs: None)
 

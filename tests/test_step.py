@@ -757,3 +757,21 @@ def test_tied_weights_train_as_one_tensor_like_torch(compile):
     make_opt = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)  # noqa: E731
     expected, _ = run_torch(TiedLM(), make_opt, [(t, None) for t in data], loss=lambda m, b: (lm_loss(m, b[0]), {}))
     assert_trees_equal(state.params, expected, rtol=1e-12 if compile else 0.0)
+
+
+@pytest.mark.slow
+def test_a_guard_filter_fn_in_the_compile_options_reaches_the_form_that_plain_calls_run():
+    """torch.compile pops ``guard_filter_fn`` from the nested ``options`` dict it is given; a step compiles two
+    forms (and ft.vmap a third) with the same options, so each gets its own copy of that dict."""
+    seen = []
+
+    def keep_all(entries):
+        seen.append(len(entries))
+        return [True] * len(entries)
+
+    options = {"options": {"guard_filter_fn": keep_all}}
+    model, tx = nn.Linear(3, 1), ft.sgd(0.1)
+    step = ft.make_train_step(model, lambda m, b: m(b).pow(2).mean(), tx, compile=options)
+    step(ft.TrainState.create(model, tx), torch.randn(4, 3))
+    assert seen, "the guard filter was never called"
+    assert options == {"options": {"guard_filter_fn": keep_all}}  # the caller's dict is left as it was
