@@ -104,7 +104,7 @@ class Precompiled:
             out = self._compiled(*args, **kwargs)
             self._disable(f"torch could not precompile it ({type(error).__name__}: {error})")
             return out
-        self._entries.append(_Entry(function))
+        self._entries.append(_Entry.traced(function))
         return function.fn(*args, **kwargs)
 
     def _disable(self, why: str) -> None:
@@ -172,18 +172,51 @@ class Precompiled:
 
 
 class _Entry:
-    """One precompiled trace, with the bytes it was loaded from (saved again unchanged)."""
+    """One precompiled trace, with what it was traced from: its source files' and the user's modules'
+    digests, taken when it was traced, and the bytes it was loaded from (saved again unchanged)."""
 
-    def __init__(self, function: Any, record: dict[str, Any] | None = None):
-        self.function, self._record = function, record
+    def __init__(self, function: Any, digests: dict[str, dict[str, str]], record: dict[str, Any] | None = None):
+        self.function, self._digests, self._record = function, digests, record
+        self._warned = False
+
+    @classmethod
+    def traced(cls, function: Any) -> _Entry:
+        """A trace made now. Its digests are taken now: a file edited or a module value changed later
+        must not be recorded as what the trace was made from. (When one cannot be taken, ``{}``: the
+        entry serves this process and is not saved.)"""
+        names = sorted({source.module for source in function.source_info().inlined_sources})
+        try:
+            digests = {"sources": _source_digests(names), "globals": _globals_digests(names)}
+        except Exception as error:
+            digests = {"error": {"why": f"{type(error).__name__}: {error}"}}
+        return cls(function, digests)
 
     def saved(self, key: str, modules: dict[str, nn.Module]) -> dict[str, Any]:
+        if "error" in self._digests:
+            raise Unfingerprintable(self._digests["error"]["why"])
+        self._warn_if_changed()
         if self._record is None:
-            sources = sorted({source.module for source in self.function.source_info().inlined_sources})
             data = type(self.function).serialize(self.function, modules).serialized_data
-            self._record = {"key": key, "sources": _source_digests(sources), "globals": _globals_digests(sources)}
-            self._record["data"] = data
+            self._record = {"key": key, **self._digests, "data": data}
         return self._record
+
+    def _warn_if_changed(self) -> None:
+        """A module value the trace may have read, changed since: this process's trace still has the old
+        one (a precompiled trace does not re-check module globals per call), which the user must hear."""
+        try:
+            now = _globals_digests(sorted(self._digests["sources"]))
+        except Exception:  # (a value that cannot be compared now: the saved digests still say what was traced)
+            return
+        changed = sorted(name for name, digest in self._digests["globals"].items() if now.get(name) != digest)
+        if changed and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"compile['precompile']: module-level values of {', '.join(changed)} changed after the step was "
+                "traced; a precompiled step keeps the values it was traced with (pass values that change in the "
+                "batch or the state, or compile without precompile)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     @classmethod
     def load(cls, record: dict[str, Any], modules: dict[str, nn.Module]) -> _Entry | None:
@@ -196,7 +229,7 @@ class _Entry:
             function = torch.compiler.load_compiled_function(io.BytesIO(record["data"]), external_data=modules)
         except Exception:  # an entry that cannot be used is a cache miss, never an error
             return None
-        return cls(function, record)
+        return cls(function, {"sources": record["sources"], "globals": record["globals"]}, record)
 
 
 def _graph_caches_on() -> bool:

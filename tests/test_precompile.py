@@ -209,3 +209,24 @@ def test_a_trace_that_cannot_be_saved_still_serves_this_process_and_the_file_hol
     traced = dict(torch._dynamo.utils.compilation_time_metrics)
     state, _ = step(state, batches[1])  # the trace made before serves the next call: nothing is traced again
     assert dict(torch._dynamo.utils.compilation_time_metrics) == traced
+
+
+def test_a_module_value_changed_after_the_trace_is_reported_when_the_trace_is_saved(tmp_path, monkeypatch):
+    """A precompiled trace keeps the module-level values it was traced with (torch's precompile drops those
+    guards): the change cannot be seen per call, so saving says so, and the file records what was traced."""
+    (tmp_path / "annealed.py").write_text(
+        "import torch\nSCALE = 1.0\n\ndef loss_fn(m, b):\n    return m(b).pow(2).mean() * SCALE\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import annealed
+
+    model, tx = torch.nn.Linear(3, 1), ft.sgd(0.1)
+    step = ft.make_train_step(model, annealed.loss_fn, tx, compile={"precompile": True})
+    state, _ = step(ft.TrainState.create(model, tx), torch.randn(4, 3))
+    monkeypatch.setattr(annealed, "SCALE", 2.0)
+    with pytest.warns(RuntimeWarning, match=r"module-level values of annealed changed after the step was traced"):
+        path = ft.save_compile_cache(tmp_path / "compile-cache.bin")
+    monkeypatch.setattr(annealed, "SCALE", 1.0)  # as traced: a later process with SCALE = 1.0 may use the trace
+    with zipfile.ZipFile(path) as archive:
+        (entry,) = json.loads(archive.read("functrain.json"))["steps"]
+    assert entry["globals"]["annealed"] == ft._precompile._globals_digests(["annealed"])["annealed"]
