@@ -29,6 +29,7 @@ trace loaded is the code that compiling the step in this process produces (teste
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import io
@@ -66,8 +67,8 @@ class Precompiled:
     ``torch.compile`` options, part of the key.
     """
 
-    def __init__(self, source: Callable, compiled: Callable, options: dict[str, Any], owner: str):
-        self._source, self._compiled, self._owner = source, compiled, owner
+    def __init__(self, source: Callable, compiled: Callable, options: dict[str, Any]):
+        self._source, self._compiled = source, compiled
         self._options = options
         self._entries: list[_Entry] = []
         self._key: tuple[str, dict[str, nn.Module]] | None = None
@@ -110,7 +111,7 @@ class Precompiled:
     def _disable(self, why: str) -> None:
         self._disabled = why
         warnings.warn(
-            f"{self._owner}: compile['precompile'] is off for this step: {why}; it compiles as usual",
+            f"compiled step: compile['precompile'] is off for this step: {why}; it compiles as usual",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -145,7 +146,7 @@ class Precompiled:
             if not _graph_caches_on():
                 why = "torch serializes a trace through its FX graph and AOTAutograd caches, which are off here"
             warnings.warn(
-                f"{self._owner}: compile['precompile']: its trace cannot be saved ({why}); "
+                f"compiled step: compile['precompile']: its trace cannot be saved ({why}); "
                 "a new process will compile the step as usual",
                 RuntimeWarning,
                 stacklevel=3,
@@ -175,25 +176,31 @@ class _Entry:
     """One precompiled trace, with what it was traced from: its source files' and the user's modules'
     digests, taken when it was traced, and the bytes it was loaded from (saved again unchanged)."""
 
-    def __init__(self, function: Any, digests: dict[str, dict[str, str]], record: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        function: Any,
+        digests: dict[str, dict[str, str]],
+        record: dict[str, Any] | None = None,
+        unsaveable: str | None = None,
+    ):
         self.function, self._digests, self._record = function, digests, record
+        self._unsaveable = unsaveable  # why the digests could not be taken: the trace serves this process only
         self._warned = False
 
     @classmethod
     def traced(cls, function: Any) -> _Entry:
         """A trace made now. Its digests are taken now: a file edited or a module value changed later
-        must not be recorded as what the trace was made from. (When one cannot be taken, ``{}``: the
-        entry serves this process and is not saved.)"""
+        must not be recorded as what the trace was made from. (When one cannot be taken, the entry
+        serves this process and is not saved.)"""
         names = sorted({source.module for source in function.source_info().inlined_sources})
         try:
-            digests = {"sources": _source_digests(names), "globals": _globals_digests(names)}
+            return cls(function, {"sources": _source_digests(names), "globals": _globals_digests(names)})
         except Exception as error:
-            digests = {"error": {"why": f"{type(error).__name__}: {error}"}}
-        return cls(function, digests)
+            return cls(function, {}, unsaveable=f"{type(error).__name__}: {error}")
 
     def saved(self, key: str, modules: dict[str, nn.Module]) -> dict[str, Any]:
-        if "error" in self._digests:
-            raise Unfingerprintable(self._digests["error"]["why"])
+        if self._unsaveable is not None:
+            raise Unfingerprintable(self._unsaveable)
         self._warn_if_changed()
         if self._record is None:
             data = type(self.function).serialize(self.function, modules).serialized_data
@@ -253,9 +260,12 @@ def trace_count() -> int:
 
 
 def add_pending(records: list[dict[str, Any]]) -> None:
-    """Makes ``records`` (from a loaded file) available to the steps that will make their first call."""
+    """Makes ``records`` (from a loaded file) available to the steps that will make their first call.
+    A step's records replace any loaded before for it (a file loaded twice is not held twice)."""
+    loaded: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        _pending.setdefault(record["key"], []).append(record)
+        loaded.setdefault(record["key"], []).append(record)
+    _pending.update(loaded)
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -326,6 +336,7 @@ def _source_digests(modules: list[str]) -> dict[str, str]:
     return out
 
 
+@functools.cache
 def _library_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}

@@ -672,7 +672,7 @@ def _checked(
     if precompile:
         # Plain calls run the autograd form (the transformable one for an eval step, which has no other).
         plain = "by_autograd" if autograd_fn is not None else "transformable"
-        step._precompiled = _precompile.Precompiled(own[plain], compiled[plain], options, "compiled step")
+        step._precompiled = _precompile.Precompiled(own[plain], compiled[plain], options)
     return step
 
 
