@@ -344,8 +344,10 @@ def torchopt_info() -> dict:
 
 
 def compiled_in_place(tx) -> Callable[[dict, object, dict], None]:
-    """``tx.update`` and ``ft.apply_updates`` under ``torch.compile(fullgraph=True)``, written back into
-    the params and state (in place), as a compiled train step does: ``compiled(params, state, grads)``."""
+    """``tx.update`` and ``ft.apply_updates`` under ``torch.compile(fullgraph=True, dynamic=False)``,
+    written back into the params and state (in place), as a compiled train step does (static shapes
+    too: SOAP's and PSGD's occasional work is then a branch taken only when due, _tree.when):
+    ``compiled(params, state, grads)``."""
     import functrain as ft
 
     def update(params, state, grads):
@@ -354,4 +356,4 @@ def compiled_in_place(tx) -> Callable[[dict, object, dict], None]:
         for old, new in zip(ft._tree.leaves((params, state)), ft._tree.leaves((new_params, new_state))):
             old.copy_(new)
 
-    return torch.compile(update, fullgraph=True)
+    return torch.compile(update, fullgraph=True, dynamic=False)

@@ -651,6 +651,70 @@ def choose(condition: Tensor | bool, if_true: Callable[[], Tree], if_false: Call
     return if_true() if bool(condition) else if_false()
 
 
+def when(condition: Tensor | bool, fn: Callable[[], Tree], tree: Tree) -> Tree:
+    """``fn()`` if the 0-d bool ``condition`` holds, else ``tree`` (a tree of tensors, of ``fn()``'s
+    structure, shapes and dtypes): :func:`choose` for occasional costly work (an eigendecomposition,
+    a preconditioner refit), where computing both sides on every step would cost more than the step.
+
+    Compiled, it is ``torch.cond``: the graph holds both sides and runs only the one taken, with no
+    host read and no graph break (each side returns fresh row-major copies, as ``torch.cond`` asks).
+    That is when shapes are static (``torch.compile(..., dynamic=False)``, as a compiled step is
+    unless given ``compile={"dynamic": True}``): in torch 2.14 dynamo's ``torch.cond`` fails on a
+    branch that computes with a symbolic size, and traced code cannot tell a symbolic size from an
+    int without specialising it. With dynamic shapes, under ``vmap`` with a per-model ``condition``
+    (which ``torch.cond`` cannot batch) and in other traced code it is :func:`choose`, both sides
+    merged by ``torch.where``; eagerly, only the side taken runs. The numbers are the same in every
+    form.
+    """
+    if not (torch.compiler.is_compiling() and isinstance(condition, Tensor) and not _batched(condition)):
+        return choose(condition, fn, lambda: tree)
+    kept, spec = pytree.tree_flatten(tree)
+    tensors = [i for i, leaf in enumerate(kept) if isinstance(leaf, Tensor)]  # traced, None may be a leaf
+    if not tensors:
+        return tree
+    if not _static_shapes():
+        return choose(condition, fn, lambda: tree)
+
+    def taken() -> list[Tensor]:
+        leaves, taken_spec = pytree.tree_flatten(fn())
+        if taken_spec != spec or [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)] != tensors:
+            raise TreeMismatchError(f"when: fn() gives {taken_spec}, the kept tree is {spec}")
+        return [_fresh(leaves[i]) for i in tensors]
+
+    def unchanged() -> list[Tensor]:
+        return [_fresh(kept[i]) for i in tensors]
+
+    out = list(kept)
+    for i, leaf in zip(tensors, torch.cond(condition, taken, unchanged)):
+        out[i] = leaf
+    return pytree.tree_unflatten(out, spec)
+
+
+def _static_shapes() -> bool:
+    """Whether the code being compiled has static shapes: ``torch.compile(..., dynamic=False)``, as a
+    compiled step is unless given ``compile={"dynamic": True}``. With ``dynamic=None`` (torch's
+    default) a recompile on new shapes may make them symbolic, which dynamo's ``torch.cond`` fails on."""
+    config = torch._dynamo.config
+    return bool(config.assume_static_by_default and not config.automatic_dynamic_shapes)
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """A copy of ``t`` with row-major strides, those of size-1 dimensions too: ``torch.cond`` wants
+    the two sides' outputs laid out alike and not aliasing its inputs (``contiguous()`` may return a
+    view whose size-1 strides differ)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+# functorch's private test for a vmap batch dimension (dynamo traces it); without it, every tensor counts
+# as batched and when() takes choose()'s form: always right, only slower compiled.
+_IS_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` carries a ``vmap`` batch dimension."""
+    return _IS_BATCHED is None or _IS_BATCHED(t)
+
+
 def where_or_zero(condition: Tensor, tree: Tree) -> Tree:
     """``tree`` where the 0-d bool ``condition`` holds, else zeros: a skipped step's updates."""
     return map(lambda x: torch.where(condition.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device)), tree)

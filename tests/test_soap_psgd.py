@@ -124,6 +124,19 @@ def test_psgd_large_dimensions_fall_back_to_diagonal_factors():
     assert [tuple(f.shape) for f in q["big"]] == [(3, 3), (5,)]
 
 
+@pytest.mark.parametrize("mode", [None, "one_diag", "smart_one_diag", "one_triu", "all_diag"])
+def test_psgd_factor_kinds_equal_heavyballs_with_ties(mode):
+    """Which dimension is "the largest" or "the smallest" when sizes tie: HeavyBall's ``_max_idx`` and
+    numpy's stable argsort, followed by functrain's plain comparisons (dynamo traces those on symbolic
+    sizes)."""
+    from heavyball.utils import init_Q_exprs
+
+    for shape in [(4, 4), (3, 5, 5), (5, 3, 5), (5, 5, 3), (2, 3), (3, 2, 3, 2), (7,)]:
+        qs = init_Q_exprs(torch.randn(1, *shape), 1.0, 1.0, None, 2048, 2, mode, None, None)
+        expected = ["triangular" if q.dim() == 3 else "diagonal" for q in qs]
+        assert factor_kinds(shape, 2048, 2, mode) == expected, shape
+
+
 def test_psgd_probes_are_standard_normal_and_a_pure_function_of_key_and_step():
     key = torch.tensor(12345)
     draw = normal_draw(key, torch.tensor(7), (200_000,), torch.float64)
@@ -166,7 +179,7 @@ def test_resume_from_a_checkpoint_across_a_refresh_is_exact(name):
 @pytest.mark.parametrize("name", ["soap", "psgd_kron"])
 def test_complex_params_are_refused(name):
     params = {"z": torch.zeros(3, dtype=torch.complex64)}
-    tx = BY_NAME[name].make()
+    tx = getattr(ft, name)(lr=0.01)
     with pytest.raises(TypeError, match="complex"):
         tx.update(params, tx.init(params), params)
 
@@ -195,3 +208,65 @@ def test_soap_amplifies_a_last_bit_change_by_its_rounding_gain():
         worst = max(worst, relative_error(*runs))
     eps = torch.finfo(torch.float64).eps
     assert 1e3 * eps < worst < spec.rounding_gain * eps
+
+
+def _aten_ops_per_step(step, params, tx, steps: int) -> list[set[str]]:
+    """The ATen ops each call of ``step`` ran (the profiler's names), calls 1..``steps``."""
+    state, out = tx.init(params), []
+    for t in range(1, steps + 1):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            updates, state = step(gradient(params, t), state, params)
+        params = ft.apply_updates(params, updates)
+        out.append({event.name for event in prof.events()})
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_soap_decomposes_only_on_the_steps_that_need_it():
+    """Compiled, SOAP's first-step eigendecomposition runs on step 1 alone and its QR refresh on
+    HeavyBall's refresh steps alone (torch.cond, via _tree.when), as the eager step does; merged
+    with torch.where they ran every step, 11x HeavyBall's time per update at 10M parameters."""
+    params = make_params(dtype=torch.float32, matrices_only=True)
+    tx = ft.soap(lr=0.01, precondition_frequency=3)
+    compiled = torch.compile(lambda g, s, p: tx.update(g, s, p), fullgraph=True, dynamic=False)
+    compiled(gradient(params, 0), tx.init(params), params)  # compiling calls every op on fake tensors
+    refresh = _heavyball_refresh_steps(3, 7) - {1}
+    for name, step in (("eager", tx.update), ("compiled", compiled)):
+        ran = _aten_ops_per_step(step, params, tx, 7)
+        assert [t for t in range(1, 8) if any("eigh" in op for op in ran[t - 1])] == [1], name
+        assert {t for t in range(1, 8) if any("linalg_qr" in op for op in ran[t - 1])} == refresh, name
+
+
+@pytest.mark.parametrize("name", ["soap", "psgd_kron"])
+def test_compiled_occasional_work_is_a_branch_of_one_graph(name):
+    """The first step's factors and the refreshes (SOAP) or refits (PSGD) are torch.cond branches of
+    the step's one graph, two per preconditioned parameter, not both sides merged by torch.where."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    params = make_params(dtype=torch.float32, matrices_only=True)
+    tx = getattr(ft, name)(lr=0.01)
+    compiled = torch.compile(lambda g, s, p: tx.update(g, s, p), backend=capture, fullgraph=True, dynamic=False)
+    compiled(gradient(params, 1), tx.init(params), params)
+    conds = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(graphs) == 1 and len(conds) == 2 * len(params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["soap", "psgd_kron"])
+def test_compiled_with_dynamic_shapes_equals_eager(name):
+    """``compile={"dynamic": True}`` (symbolic sizes): SOAP takes torch.where's form of its branches
+    (dynamo's torch.cond fails there), and PSGD's factor layout traces on symbolic sizes."""
+    params = make_params(dtype=torch.float32, matrices_only=True)
+    tx = getattr(ft, name)(lr=0.01, precondition_frequency=2) if name == "soap" else ft.psgd_kron(lr=0.01)
+    compiled = torch.compile(lambda g, s, p: tx.update(g, s, p), fullgraph=True, dynamic=True)
+    eager_state = compiled_state = tx.init(params)
+    for t in range(1, 5):
+        grads = gradient(params, t)
+        eager, eager_state = tx.update(grads, eager_state, params)
+        out, compiled_state = compiled(grads, compiled_state, params)
+        for k in params:
+            torch.testing.assert_close(out[k], eager[k], rtol=1e-4, atol=1e-6)

@@ -86,16 +86,16 @@ def factor_kinds(
     if len(shape) == 0:
         return ["scalar"]
     diagonal = [False] * len(shape)
-    # Plain Python (HeavyBall uses numpy): this runs while a compiled step is traced.
-    largest = max(range(len(shape)), key=lambda i: (shape[i], i))  # the last of the largest
+    # Plain Python (HeavyBall uses numpy): this runs while a compiled step is traced, where the sizes
+    # may be symbolic (dynamic=True): comparisons, no max(key=...), which dynamo cannot trace on those.
     if memory_save_mode == "one_diag":
-        diagonal[largest] = True
+        diagonal[_last_largest(shape)] = True
     elif memory_save_mode == "smart_one_diag":
         ordered = sorted(shape)
         if len(shape) >= 2 and ordered[-1] > ordered[-2]:
-            diagonal[largest] = True
+            diagonal[_last_largest(shape)] = True
     elif memory_save_mode == "one_triu":
-        smallest = min(range(len(shape)), key=lambda i: (shape[i], i))  # the first of the smallest
+        smallest = _first_smallest(shape)
         diagonal = [i != smallest for i in range(len(shape))]
     elif memory_save_mode == "all_diag":
         diagonal = [True] * len(shape)
@@ -105,6 +105,24 @@ def factor_kinds(
         else "triangular"
         for size, diag in zip(shape, diagonal)
     ]
+
+
+def _last_largest(shape: tuple[int, ...]) -> int:
+    """The index of the last of the largest sizes."""
+    best = 0
+    for i in range(1, len(shape)):
+        if shape[i] >= shape[best]:
+            best = i
+    return best
+
+
+def _first_smallest(shape: tuple[int, ...]) -> int:
+    """The index of the first of the smallest sizes."""
+    best = 0
+    for i in range(1, len(shape)):
+        if shape[i] < shape[best]:
+            best = i
+    return best
 
 
 # ----------------------------------------------------------------------------- the maths, on a batch of one
@@ -384,11 +402,14 @@ def scale_by_psgd_kron(
             qs = [q[None].to(dtype) for q in qs]
             lbs = [b[None] for b in lbs]
 
+            # Outside the branch: an injected scale is a tensor of the state, which dynamo cannot take
+            # into torch.cond's branch through torch.as_tensor; the scale is one reduction, cheap.
+            scale = _init_scale(g32, precond_init_scale, precond_init_scale_scale, precond_init_scale_power)
+
             def initial():
-                scale = _init_scale(g32, precond_init_scale, precond_init_scale_scale, precond_init_scale_power)
                 return list(_initial_factors(g32, kinds, dtype, scale))
 
-            qs = _tree.choose(first, initial, lambda: qs)
+            qs = _tree.when(first, initial, qs)
 
             def fitted():
                 """A fit on a random probe (a pure function of the key and the step: no generator state)."""
@@ -400,7 +421,7 @@ def scale_by_psgd_kron(
                 )
                 return list(new_qs), list(new_lbs)
 
-            qs, lbs = _tree.choose(refit, fitted, lambda: (qs, lbs))
+            qs, lbs = _tree.when(refit, fitted, (qs, lbs))
 
             direction = torch.einsum(
                 _preconditioner_expr(tuple(q.ndim for q in qs), m32.ndim),

@@ -234,9 +234,9 @@ def scale_by_soap(
     vectors (unless ``precondition_1d``) and scalars, for which this is Adam. The factors and bases
     are held whole on every rank when the parameters are sharded (the moments are sharded like the
     parameters), so a sharded step equals an unsharded one exactly. Eagerly, the first step's
-    eigendecomposition and the QR refreshes run only on the steps that need them; traced (compiled,
-    vmapped) they run every step and ``torch.where`` keeps them where they apply, so the step is one
-    graph with no host read.
+    eigendecomposition and the QR refreshes run only on the steps that need them; compiled too, as
+    branches of ``torch.cond`` (one graph, no host read). Under ``vmap`` with per-model step counts they
+    run every step and ``torch.where`` keeps them where they apply.
 
     Args:
         b1: :math:`\beta_1`, decay of the first moment, in [0, 1).
@@ -284,11 +284,6 @@ def scale_by_soap(
             q = _expand(active, [x[None] for x in q])
             outer = _outer_products(g32, active)
 
-            def first_step():
-                """The factors from this gradient, their eigenvectors, no update."""
-                first_q = [None if x is None else initial_basis(x) for x in outer]
-                return m32, v32, outer, first_q, torch.zeros_like(g32)
-
             def later_step():
                 """Adam in the current eigenbasis, then the factors, then (maybe) a new basis."""
                 t = count.to(dtype)
@@ -304,16 +299,29 @@ def scale_by_soap(
                     fresh_q = [None if x is None else refreshed_basis(x, b) for x, b in zip(new_gg, q)]
                     return _change_basis(new_m, q, fresh_q), fresh_q
 
-                new_m, new_q = _tree.choose(refresh, refreshed, lambda: (new_m, q)) if any(active) else (new_m, q)
+                new_m, new_q = _tree.when(refresh, refreshed, (new_m, q)) if any(active) else (new_m, q)
                 return new_m, new_v, new_gg, new_q, direction
 
-            new_m, new_v, out_gg, out_q, direction = _tree.choose(first, first_step, later_step)
+            def first_values():
+                """Step 1 sets the factors from this gradient and gives no update."""
+                return m32, v32, outer, torch.zeros_like(g32)
+
+            def first_bases():
+                """... and takes the factors' eigenvectors: on step 1 only, compiled too (_tree.when)."""
+                return [None if x is None else initial_basis(x) for x in outer]
+
+            # The later step's arithmetic is cheap: traced, it runs on every step and torch.where keeps
+            # step 1's values; eagerly the host reads which side to keep.
+            new_m, new_v, new_gg, new_q, direction = later_step()
+            later = (new_m, new_v, new_gg, direction)
+            new_m, new_v, new_gg, direction = _tree.choose(first, first_values, lambda: later)
+            new_q = _tree.when(first, first_bases, new_q)
             return (
                 _placed_like(direction[0].reshape(g.shape).to(g.dtype), g),
                 _placed_like(new_m[0].reshape(g.shape).to(m.dtype), m),
                 _placed_like(new_v[0].reshape(g.shape).to(v.dtype), v),
-                tuple(x[0] for x in out_gg if x is not None),
-                tuple(x[0] for x in out_q if x is not None),
+                tuple(x[0] for x in new_gg if x is not None),
+                tuple(x[0] for x in new_q if x is not None),
             )
 
         out, exp_avg, exp_avg_sq, gg, q = _tree.map_many_per_leaf(
