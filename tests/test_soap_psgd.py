@@ -10,7 +10,15 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.transforms._psgd import factor_kinds, normal_draw
+from functrain.transforms._psgd import (
+    _BLOCK,
+    _factor_gram,
+    _preconditioned,
+    _times_factor,
+    _upper_product,
+    factor_kinds,
+    normal_draw,
+)
 from functrain.transforms._soap import initial_basis, merged_shape
 
 from .harness import gradient, make_params, relative_error, run_functrain, run_reference
@@ -135,6 +143,67 @@ def test_psgd_factor_kinds_equal_heavyballs_with_ties(mode):
         qs = init_Q_exprs(torch.randn(1, *shape), 1.0, 1.0, None, 2048, 2, mode, None, None)
         expected = ["triangular" if q.dim() == 3 else "diagonal" for q in qs]
         assert factor_kinds(shape, 2048, 2, mode) == expected, shape
+
+
+@pytest.mark.parametrize("n", [5, _BLOCK, _BLOCK + 1, 2 * _BLOCK + 3, 4 * _BLOCK])
+def test_psgd_blocked_triangular_product_equals_the_matmul(n):
+    """PSGD's factor step ``triu(T) Q`` in blocks equals the full matmul, at every split (odd ones
+    too), and is upper triangular with exact zeros below the diagonal."""
+    g = torch.Generator().manual_seed(n)
+    t = torch.randn(1, n, n, generator=g, dtype=torch.float64)
+    q = torch.randn(1, n, n, generator=g, dtype=torch.float64).triu()
+    out = _upper_product(t, q)
+    torch.testing.assert_close(out, t.triu() @ q, rtol=1e-12, atol=1e-12 * n)
+    assert torch.equal(out.tril(-1), torch.zeros_like(out))
+
+
+BLOCKED_SHAPES = [(2 * _BLOCK + 3, 7), (7, _BLOCK + 1), (3, _BLOCK + 9, 5), (_BLOCK, 4)]
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+def test_psgd_blocked_gram_equals_heavyballs_einsum(shape):
+    """Each triangular factor's Gram matrix, in blocks, equals HeavyBall's einsum (``calcG_expr``)
+    for every dimension."""
+    from heavyball.utils import calcG_expr
+
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for i, expr in enumerate(calcG_expr((3,) * len(shape), x.ndim)):
+        torch.testing.assert_close(_factor_gram(x, i), torch.einsum(expr, x, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+@pytest.mark.parametrize("diagonal", [(), (0,), (1,)])
+def test_psgd_factors_applied_in_blocks_equal_heavyballs_einsums(shape, diagonal):
+    """``Q x`` (each factor once) and ``P x = Q^T Q x``, factor by factor with triangular ones in
+    blocks, equal HeavyBall's einsums (``cached_precond_grad_expr``, ``precond_grad_expr``) with
+    triangular and diagonal factors mixed."""
+    from heavyball.utils import cached_precond_grad_expr, precond_grad_expr
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *shape, generator=g, dtype=torch.float64)
+    qs = [
+        torch.randn(1, n, generator=g, dtype=torch.float64)
+        if i in diagonal
+        else torch.randn(1, n, n, generator=g, dtype=torch.float64).triu()
+        for i, n in enumerate(shape)
+    ]
+    ndims = tuple(q.ndim for q in qs)
+    once = x
+    for i, q in enumerate(qs):
+        once = _times_factor(once, q, i)
+    expected_once = torch.einsum(cached_precond_grad_expr(ndims, x.ndim), *qs, x)
+    torch.testing.assert_close(once, expected_once, rtol=1e-10, atol=1e-10 * expected_once.abs().max())
+    expected = torch.einsum(precond_grad_expr(ndims, x.ndim), *[q for q in qs for _ in (0, 1)], x)
+    torch.testing.assert_close(_preconditioned(qs, x), expected, rtol=1e-10, atol=1e-10 * expected.abs().max())
+
+
+def test_psgd_with_factors_above_the_block_size_equals_heavyball():
+    """A parameter whose factors are applied and stepped in blocks (600 x 300) takes HeavyBall's steps."""
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(2 * _BLOCK + 88, _BLOCK + 44, generator=g, dtype=torch.float64)}
+    actual = run_functrain(ft.psgd_kron(lr=0.01), params, 4)
+    expected = run_reference(PsgdKronReference, {"lr": 0.01}, params, 4)
+    assert relative_error(actual, expected) <= 1e-9
 
 
 def test_psgd_probes_are_standard_normal_and_a_pure_function_of_key_and_step():

@@ -234,9 +234,10 @@ def scale_by_soap(
     vectors (unless ``precondition_1d``) and scalars, for which this is Adam. The factors and bases
     are held whole on every rank when the parameters are sharded (the moments are sharded like the
     parameters), so a sharded step equals an unsharded one exactly. Eagerly, the first step's
-    eigendecomposition and the QR refreshes run only on the steps that need them; compiled too, as
-    branches of ``torch.cond`` (one graph, no host read). Under ``vmap`` with per-model step counts they
-    run every step and ``torch.where`` keeps them where they apply.
+    eigendecomposition and the QR refreshes run only on the steps that need them; compiled with static
+    shapes (a compiled step's default) too, as branches of ``torch.cond`` (one graph, no host read).
+    Compiled with dynamic shapes, and under ``vmap`` with per-model step counts, they run every step
+    and ``torch.where`` keeps them where they apply (:func:`functrain._tree.when`).
 
     Args:
         b1: :math:`\beta_1`, decay of the first moment, in [0, 1).
