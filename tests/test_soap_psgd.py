@@ -198,7 +198,7 @@ def test_psgd_factors_applied_in_blocks_equal_heavyballs_einsums(shape, diagonal
 
 
 def test_psgd_with_factors_above_the_block_size_equals_heavyball():
-    """A parameter whose factors are applied and stepped in blocks (600 x 300) takes HeavyBall's steps."""
+    """A parameter whose factors are applied and stepped in blocks (1112 x 556) takes HeavyBall's steps."""
     g = torch.Generator().manual_seed(3)
     params = {"w": torch.randn(2 * _BLOCK + 88, _BLOCK + 44, generator=g, dtype=torch.float64)}
     actual = run_functrain(ft.psgd_kron(lr=0.01), params, 4)
