@@ -130,22 +130,12 @@ def _first_smallest(shape: tuple[int, ...]) -> int:
 # triangular solves and the diagonal factors' einsums are HeavyBall's own, on the same shapes.
 
 
-def _gram_exprs(ndims: tuple[int, ...], x_ndim: int) -> list[str]:
-    """Per factor, the einsum of ``X X^T`` contracted over the other dimensions (HeavyBall's ``calcG_expr``):
-    the matrix for a triangular factor, its diagonal for a diagonal one, the total for a scalar."""
+def _diagonal_gram_expr(i: int, q_ndim: int, x_ndim: int) -> str:
+    """The einsum of ``X X^T`` for dimension ``i``, contracted over the others (HeavyBall's ``calcG_expr``),
+    for a factor that keeps only part of it: the diagonal for a diagonal factor (``q_ndim`` 2), the total
+    for a scalar one. A triangular factor's whole matrix is :func:`_factor_gram`."""
     base = _LETTERS[: x_ndim - 1]
-    exprs = []
-    for i, n in enumerate(ndims):
-        other = list(base)
-        if n == 3:
-            other[i] = "Z"
-            out = f"{base[i]}Z"
-        elif n == 2:
-            out = base[i]
-        else:
-            out = ""
-        exprs.append(f"...{base},...{''.join(other)}->...{out}")
-    return exprs
+    return f"...{base},...{base}->...{base[i] if q_ndim == 2 else ''}"
 
 
 def _balanced(qs: list[Tensor]) -> list[Tensor]:
@@ -202,9 +192,15 @@ def _times_factor(x: Tensor, q: Tensor, i: int, transposed: bool = False) -> Ten
     to all of ``x``."""
     if q.ndim < 3:
         return x * _along(q, i, x.ndim)
+    return _on_vectors(x, i, lambda rows: _times_upper(rows, q, transposed))
+
+
+def _on_vectors(x: Tensor, i: int, fn) -> Tensor:
+    """``fn`` applied to the vectors along dimension ``i`` of ``x`` (after the batch dimension), given
+    as the rows of one matrix per batch entry, and the result laid out as ``x``."""
     vectors = x.movedim(i + 1, -1)
-    flat = vectors.reshape(x.shape[0], -1, vectors.shape[-1])  # one matrix per batch entry
-    return _times_upper(flat, q, transposed).reshape(vectors.shape).movedim(-1, i + 1)
+    rows = vectors.reshape(x.shape[0], -1, vectors.shape[-1])
+    return fn(rows).reshape(vectors.shape).movedim(-1, i + 1)
 
 
 def _along(q: Tensor, i: int, ndim: int) -> Tensor:
@@ -237,7 +233,7 @@ def _gram(x: Tensor) -> Tensor:
 
 def _factor_gram(x: Tensor, i: int) -> Tensor:
     """A triangular factor's ``X X^T`` for dimension ``i`` of ``x`` (after the batch dimension),
-    contracted over the others: the ``n_i x n_i`` matrix :func:`_gram_exprs` names."""
+    contracted over the others (HeavyBall's ``calcG_expr``): the ``n_i x n_i`` matrix."""
     rows = x.movedim(i + 1, 1)
     return _gram(rows.reshape(x.shape[0], x.shape[i + 1], -1))
 
@@ -310,28 +306,25 @@ def fitted_factors(
     its running bound (kept in float64). The factors are balanced first (:func:`_balanced`).
     """
     qs = _balanced(qs)
-    ndims = tuple(q.ndim for q in qs)
     dtype = g.dtype
     a = g
     for i, q in enumerate(qs):  # A = Q h, each factor once: HeavyBall's ``cached_precond_grad_expr``
         a = _times_factor(a, q, i)
-    a = a.to(dtype)
     b = v
-    n = g.shape[0]
     for i, q in enumerate(qs):
         if q.ndim <= 2:
             b = b / _along(q, i, b.ndim)
-    for i, q in enumerate(qs):
+    for i, q in enumerate(qs):  # B = Q^{-T} v: v Q^{-1} along each triangular factor's dimension
         if q.ndim == 3:
-            moved = b.movedim(i + 1, -1).contiguous()
-            solved = torch.linalg.solve_triangular(q, moved.reshape(n, -1, moved.shape[-1]), upper=True, left=False)
-            b = solved.reshape(moved.shape).movedim(-1, i + 1).contiguous()
+            solve = lambda rows, q=q: torch.linalg.solve_triangular(q, rows.contiguous(), upper=True, left=False)  # noqa: E731
+            b = _on_vectors(b, i, solve).contiguous()
 
     lr = torch.as_tensor(precond_lr, dtype=dtype, device=g.device)
     beta = torch.as_tensor(lower_bound_beta, dtype=dtype, device=g.device)
     new_qs, new_bounds = [], []
-    for i, (q, bound, expr) in enumerate(zip(qs, lower_bounds, _gram_exprs(ndims, g.ndim))):
+    for i, (q, bound) in enumerate(zip(qs, lower_bounds)):
         if q.ndim < 3:
+            expr = _diagonal_gram_expr(i, q.ndim, g.ndim)
             term1 = torch.einsum(expr, a, a)
             term2 = torch.einsum(expr, b, b)
             total = term1 + term2
