@@ -5,6 +5,7 @@ resumption across a refresh. References: HeavyBall 3.2.1 (tests/specs_heavyball.
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -214,6 +215,30 @@ def test_psgd_probes_are_standard_normal_and_a_pure_function_of_key_and_step():
     assert torch.equal(draw, normal_draw(key, torch.tensor(7), (200_000,), torch.float64))
     assert not torch.equal(draw[:10], normal_draw(key, torch.tensor(8), (10,), torch.float64))
     assert not torch.equal(draw[:10], normal_draw(torch.tensor(12346), torch.tensor(7), (10,), torch.float64))
+
+
+def _lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32 hash in Python integers: the reference for the tensor version."""
+    mask = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & mask
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & mask
+    return x ^ (x >> 16)
+
+
+def test_psgd_probe_stream_is_the_documented_formula():
+    """Element i of the draw for (key, counter) is Box-Muller on the hashes of indices 2i and 2i + 1
+    under the stream's hash, written here in Python integers and floats: the stream a checkpoint's
+    resume continues does not change with how the tensor code computes it."""
+    key, counter, shape = 987654321, 41, (7, 3000)
+    draw = normal_draw(torch.tensor(key), torch.tensor(counter), shape, torch.float64).flatten()
+    stream = _lowbias32((_lowbias32(key) + counter) & 0xFFFFFFFF)
+    for i in [0, 1, 2, 1000, 20_999]:
+        u1 = (_lowbias32(_lowbias32(2 * i) ^ stream) + 1) / 2.0**32
+        u2 = _lowbias32(_lowbias32(2 * i + 1) ^ stream) / 2.0**32
+        expected = math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+        assert draw[i].item() == pytest.approx(expected, rel=1e-14, abs=1e-15), i
 
 
 def test_psgd_seed_changes_the_trajectory_and_the_reference_follows_it():
