@@ -5,6 +5,7 @@ loader must stay resumable exactly."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -80,6 +81,36 @@ def test_a_sample_that_never_returns_times_out_naming_the_worker_and_the_sample(
     assert [b.tolist() for b in fresh] == [[4 * b + k for k in range(4)] for b in range(5, 10)]
     # And the loader itself restarts at its cursor once the sample loads again.
     assert [b.tolist() for b in loader] == [[4 * b + k for k in range(4)] for b in range(5, 10)]
+
+
+def test_a_collected_loader_is_stopped_by_the_reaper_not_in_the_collecting_thread():
+    # A loader in a reference cycle is finalised by the cyclic collector in whichever thread
+    # allocates: maybe the one waiting on another loader's batch. Stopping this one in line would
+    # wait PATIENCE seconds for its worker stuck in __getitem__, and that other batch would come late
+    # (CI once saw a 1 s timeout fire on a batch sent in time, while its reader collected ten loaders).
+    data = HangsAt(40, bad=5)
+    before = set(threading.enumerate())
+    loader = ft.data.make_loader(data, 4, shuffle=False, num_workers=2, worker_method="thread", timeout=None)
+    it = iter(loader)
+    assert next(it).tolist() == [0, 1, 2, 3]
+    # Its workers, readers and prefetcher (the reaper, started with the first loader, lives on).
+    threads = [t for t in set(threading.enumerate()) - before if t.name != "functrain-data-reaper"]
+    cycle = [loader, it]
+    cycle.append(cycle)
+    del loader, it, cycle
+    try:
+        start = time.monotonic()
+        gc.collect()
+        took = time.monotonic() - start
+        assert took < PATIENCE / 2, f"collecting the loader took {took:.1f} s: its finaliser waited for the workers"
+        assert ft.data.pipeline._REAPER.wait(timeout=3 * PATIENCE), "the reaper did not stop the pipeline"
+    finally:
+        data.release.set()
+    # The reaper stopped it: the stuck worker leaves once its sample returns, and so does every thread.
+    assert wait_until(lambda: not any(t.is_alive() for t in threads)), [t.name for t in threads if t.is_alive()]
+
+
+PATIENCE = 5.0  # seconds Loader.close gives a worker to finish the batch in hand
 
 
 @pytest.mark.slow

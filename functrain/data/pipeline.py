@@ -52,7 +52,9 @@ import contextlib
 import math
 import multiprocessing
 import pickle
+import queue
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -99,7 +101,7 @@ class _BatchIndices(tn.BaseNode):
     ``drop_last`` the short tail is dropped). The stream never ends: the loader cuts it into epochs
     by count, so workers and prefetched batches carry over from one epoch to the next. The loader
     sets ``epoch`` and ``number`` (where to start) before a ``reset()``; setting ``ended`` ends the
-    stream (the way to stop a pipeline without torchdata's internals, see ``Loader._run_out``).
+    stream (the way to stop a pipeline without torchdata's internals, see ``_run_out``).
     """
 
     def __init__(self, sampler: DistributedSampler, batch_size: int, n_batches: int):
@@ -295,6 +297,7 @@ class Loader:
         self._stream: tuple[int, int] | None = None  # the next (epoch, batch) the pipeline will give
         self._generation = 0
         _LIVE.add(self)
+        _REAPER.start()
 
     def __len__(self) -> int:
         return self._n_batches
@@ -346,9 +349,16 @@ class Loader:
         return self._epoch(self._generation)
 
     def __del__(self) -> None:
-        # An orderly stop (readers before worker processes) rather than torchdata's own on collection.
+        # An orderly stop (readers before worker processes) rather than torchdata's own on collection,
+        # handed to the reaper thread: a loader in a reference cycle (an exception kept with its
+        # traceback is enough) is finalised by the cyclic collector in whichever thread allocates,
+        # maybe the one waiting on another loader's batch or that loader's reader, and stopping
+        # waits for threads and processes (up to seconds): its batch would come late.
         try:
-            self.close()
+            watchdog, running = self._watchdog, self._stream is not None
+            if watchdog is not None or running:
+                pipeline = (self._batches, self._root, self._threaded, self._mapper)
+                _REAPER.submit(lambda: _halt(watchdog, pipeline if running else None, patience=5.0))
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
 
@@ -368,29 +378,11 @@ class Loader:
         """``close()``, giving each worker ``patience`` seconds to finish the batch in hand before a
         worker process is terminated (after a timeout the workers are stuck: no patience)."""
         self._generation += 1
-        self._stop_watchdog()
-        if self._stream is None:  # nothing started since the last stop (a stuck thread is not waited for twice)
-            return
-        self._stream = None
-        if not _torchdata.stop(self._threaded, self._mapper, patience):
-            _torchdata.warn_ran_out()
-            self._run_out()
-
-    def _run_out(self) -> None:
-        """Ends the stream at its source and pulls the pipeline's remaining batches until it ends:
-        each node then stops its threads and worker processes itself. Public behaviour only."""
-        self._batches.ended = True
-        while True:
-            try:
-                next(self._root)
-            except StopIteration:
-                return
-            except Exception as error:  # noqa: BLE001 - a batch that failed: the ones behind it must still come out
-                # torch's ExceptionWrapper.reraise keeps the error in a local of its frame: a cycle
-                # through the traceback that would keep the pipeline (its queues' threads) alive until
-                # a garbage collection. Without the traceback, it goes now.
-                error.__traceback__ = None
-                continue
+        watchdog, self._watchdog = self._watchdog, None
+        # (Nothing started since the last stop: a stuck thread is not waited for twice.)
+        running, self._stream = self._stream is not None, None
+        pipeline = (self._batches, self._root, self._threaded, self._mapper)
+        _halt(watchdog, pipeline if running else None, patience)
 
     def _epoch(self, generation: int) -> Iterator[Any]:
         epoch, start = self.epoch, self.batch
@@ -400,7 +392,7 @@ class Loader:
                 # No way to see a worker process die: refuse rather than risk hanging on one (asked
                 # for processes), or use threads (the default chose them).
                 self._stream = None
-                self._run_out()
+                _run_out(self._batches, self._root)
                 if self._threads_instead is None:
                     raise _torchdata.process_workers_unsupported()
                 self._root, self._threaded, self._mapper, self._watch_deaths = self._threads_instead()
@@ -524,13 +516,84 @@ def _to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     return to_dtype(x, dtype, scale=True)
 
 
+def _halt(watchdog: Watchdog | None, pipeline: tuple | None, patience: float) -> None:
+    """Stops a loader's ``watchdog`` and its running ``pipeline`` (``(batches, root, threaded,
+    mapper)``; ``None``: nothing runs): readers before worker processes, through torchdata 0.11's
+    internals (``_torchdata.stop``), else with a ``RuntimeWarning`` by running the stream out."""
+    if watchdog is not None:
+        watchdog.stop()
+    if pipeline is None:
+        return
+    batches, root, threaded, mapper = pipeline
+    if not _torchdata.stop(threaded, mapper, patience):
+        _torchdata.warn_ran_out()
+        _run_out(batches, root)
+
+
+def _run_out(batches: _BatchIndices, root: tn.BaseNode) -> None:
+    """Ends the stream at its source and pulls the pipeline's remaining batches until it ends: each
+    node then stops its threads and worker processes itself. Public behaviour only."""
+    batches.ended = True
+    while True:
+        try:
+            next(root)
+        except StopIteration:
+            return
+        except Exception as error:  # noqa: BLE001 - a batch that failed: the ones behind it must still come out
+            # torch's ExceptionWrapper.reraise keeps the error in a local of its frame: a cycle
+            # through the traceback that would keep the pipeline (its queues' threads) alive until
+            # a garbage collection. Without the traceback, it goes now.
+            error.__traceback__ = None
+            continue
+
+
+class _Reaper:
+    """Stops the pipelines of garbage-collected loaders in a daemon thread of its own, so that a
+    finaliser never waits (see ``Loader.__del__``). Started with the first loader, not inside a
+    finaliser; a process forked from this one starts its own when it needs one."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # its put() is safe inside a finaliser
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        # (Two threads racing here may start two reapers: both take jobs from the one queue, harmless.)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, daemon=True, name="functrain-data-reaper")
+            self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+        self.start()
+
+    def wait(self, timeout: float) -> bool:
+        """Waits, ``timeout`` seconds at most, until the jobs submitted so far are done."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._jobs.put(done.set)
+        return done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - its loader is gone: there is no one to tell
+                pass
+
+
+_REAPER = _Reaper()
 _LIVE: weakref.WeakSet[Loader] = weakref.WeakSet()
 
 
 @atexit.register
 def _close_live_loaders() -> None:
+    # A daemon thread still inside a torch op at exit would abort the process: every pipeline stops
+    # first, a collected loader's included (a stuck thread is waited for up to its patience).
     for loader in list(_LIVE):
         loader.close()
+    _REAPER.wait(timeout=30.0)
 
 
 # ----------------------------------------------------------------------------- the builder
