@@ -150,6 +150,39 @@ def test_stopped_worker_processes_time_out_and_are_cleaned_up():
     loader.close()
 
 
+def _hold_and_exit(event) -> None:
+    event._cond.acquire()  # the multiprocessing.Event's lock, never released: this process leaves
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FORK, reason="uses fork")
+def test_a_worker_that_died_holding_the_stop_events_lock_hangs_nothing():
+    # torchdata's worker processes poll a shared multiprocessing.Event; one killed inside is_set()
+    # (terminated after a timeout, or by the OOM killer) leaves the event's lock held for good, and
+    # set() on it then waits forever. CI hung so: after a timeout, the restart's shutdown of the old
+    # pipeline set it. Here a process holds the lock and exits, as such a worker would.
+    loader = ft.data.make_loader(
+        Indices(400), 4, shuffle=False, worker_method="process", multiprocessing_context="fork", timeout=30.0
+    )
+    assert next(iter(loader)).tolist() == [0, 1, 2, 3]
+    workers = ft.data._torchdata.workers(loader._mapper)
+    event = ft.data._torchdata.mapper_iterator(loader._mapper)._mp_stop
+    holder = multiprocessing.get_context("fork").Process(target=_hold_and_exit, args=(event,))
+    holder.start()
+    holder.join(10)
+    assert holder.exitcode == 0
+    # The workers are stuck on the lock too: close() gives up on the event and terminates them.
+    kind, _ = within(20, loader.close)
+    assert kind == "value"
+    assert not any(w.is_alive() for w in workers)
+    # The restart shuts the old pipeline down (torchdata sets its stop event again) and goes on.
+    kind, batches = within(30, lambda: [b.tolist() for b in loader])
+    assert kind == "value", batches
+    assert batches == [[4 * b + k for k in range(4)] for b in range(1, 100)]
+    loader.close()
+
+
 def test_a_slow_but_steady_pipeline_does_not_time_out():
     class Slow(Indices):
         def __getitem__(self, i):

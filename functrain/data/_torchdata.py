@@ -31,6 +31,7 @@ import contextlib
 import os
 import queue
 import signal
+import threading
 import warnings
 from typing import Any
 
@@ -105,17 +106,37 @@ def stop(threaded: list[Any], mapper: Any | None, patience: float = 5.0) -> bool
         for thread in (mapper_it._read_thread, mapper_it._sort_thread):
             if thread.is_alive():
                 thread.join(timeout=1)
-        mapper_it._mp_stop.set()
+        if not _set_shared(mapper_it._mp_stop, seconds=1.0):
+            patience = 0.0  # its lock is held for good: the workers are stuck on it as well
         _drain(mapper_it._in_q)  # workers leave once the stop is set and their input queue is empty
         for worker in mapper_it._workers:
             worker.join(timeout=patience)
             if worker.is_alive() and hasattr(worker, "terminate"):
                 _end_process(worker)
+        # A worker terminated while inside the stop event's is_set() (they poll it) leaves the event's
+        # lock held for good, and torchdata's own shutdown (on reset or collection) sets the event
+        # again: that set() would wait forever. It gets an event that is already set instead.
+        mapper_it._mp_stop = _STOPPED
         _close_queue(mapper_it._in_q)
     for it in iterators:
         if it is not None and it._thread.is_alive():
             it._thread.join(timeout=patience)
     return True
+
+
+_STOPPED = threading.Event()
+_STOPPED.set()
+
+
+def _set_shared(event: Any, seconds: float) -> bool:
+    """``event.set()``, given up after ``seconds``; returns whether it was set. A ``multiprocessing``
+    event guards its flag with a lock shared with the worker processes, and a process killed while
+    holding it (terminated, or by the OOM killer, inside ``is_set()``) leaves it held for good: a
+    plain ``set()`` would wait forever. The thread left waiting then is a daemon."""
+    setter = threading.Thread(target=event.set, daemon=True, name="functrain-data-stop")
+    setter.start()
+    setter.join(seconds)
+    return not setter.is_alive()
 
 
 def _resume(worker: Any) -> None:
@@ -169,7 +190,9 @@ def dead_worker(mapper: Any) -> Any | None:
     ``None`` while every worker lives, or when nothing runs, the mapper is stopping, or its
     internals are not torchdata 0.11's (a process-mode loader then refuses to start)."""
     it = mapper_iterator(mapper)
-    if it is None or it is UNKNOWN or it._stop.is_set() or it._mp_stop.is_set():
+    # (Not the workers' stop event, which is set after this one: its lock may be held for good by a
+    # worker that died, see _set_shared.)
+    if it is None or it is UNKNOWN or it._stop.is_set():
         return None
     for worker in it._workers:
         if not worker.is_alive():
