@@ -78,7 +78,7 @@ def test_a_sample_that_never_returns_times_out_naming_the_worker_and_the_sample(
     assert (loader.epoch, loader.batch) == (0, 5)
     # Exact resume: a fresh loader from the state yields what an uninterrupted run would have.
     state = loader.state_dict()
-    fresh = ft.data.make_loader(Indices(40), 4, multiprocessing_context=context, **{**kwargs, "timeout": None})
+    fresh = ft.data.make_loader(Indices(40), 4, multiprocessing_context=context, **dict(kwargs, timeout=None))
     fresh.load_state_dict(state)
     assert [b.tolist() for b in fresh] == [[4 * b + k for k in range(4)] for b in range(5, 10)]
     # And the loader itself restarts at its cursor once the sample loads again.
