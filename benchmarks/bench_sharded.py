@@ -35,7 +35,15 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sharded_worker.py")
 PEER = "fsdp2"
-FULL_IMPLS = ("fsdp2", "functrain-eager", "functrain-eager-inplace", "functrain-compiled", "dp-eager", "dp-compiled")
+FULL_IMPLS = (
+    "fsdp2",
+    "functrain-eager",
+    "functrain-eager-inplace",
+    "functrain-compiled",
+    "functrain-compiled-inplace",
+    "dp-eager",
+    "dp-compiled",
+)
 SMOKE_IMPLS = ("fsdp2", "functrain-eager", "dp-eager")
 MiB = 2**20
 
@@ -120,6 +128,9 @@ def summarise(result: dict, peer: dict | None) -> dict:
         "peak_mib": max(r["peak_bytes"] for r in ranks) / MiB,
         "before_steps_mib": max(r["before_steps_bytes"] for r in ranks) / MiB,
         "peak_anon_mib": max(r.get("peak_anon_bytes", r["peak_bytes"]) for r in ranks) / MiB,
+        "tensor_peak_mib": None
+        if ranks[0].get("tensor_peak_bytes") is None
+        else max(r["tensor_peak_bytes"] for r in ranks) / MiB,
         "state_mib": max(r["state_bytes"] for r in ranks) / MiB,
         "state_unsharded_mib": ranks[0]["state_bytes_unsharded"] / MiB,
         "rel_diff_vs_peer": None if peer is None else max_relative_difference(result["params"], peer["params"]),
@@ -150,9 +161,10 @@ def table(runs: list[dict]) -> str:
     """Markdown: per world size and implementation, median (range) over the runs; ratios are per run."""
     worlds = sorted({int(w) for run in runs for w in run if w != "load_average"})
     lines = [
-        "| ranks | implementation | step ms | / FSDP2 | peak MiB above base | / FSDP2 | params+state MiB per rank "
-        "(/ unsharded) | max rel. diff vs FSDP2 (without key bias) | max norm-rel. diff vs FSDP2 |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ranks | implementation | step ms | / FSDP2 | peak MiB above base | / FSDP2 | tensor peak MiB | / FSDP2 "
+        "| params+state MiB per rank (/ unsharded) | max rel. diff vs FSDP2 (without key bias) "
+        "| max norm-rel. diff vs FSDP2 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for world in worlds:
         per_run = [run.get(world) or run.get(str(world)) for run in runs]
@@ -163,6 +175,11 @@ def table(runs: list[dict]) -> str:
             step_ratio = [x["step_ms"] / p["step_ms"] for x, p in zip(rows, peers)]
             peak = [x["peak_mib"] for x in rows]
             peak_ratio = [x["peak_mib"] / p["peak_mib"] for x, p in zip(rows, peers)]
+            tensors = tensor_ratio = "-"
+            if rows[0].get("tensor_peak_mib") is not None:
+                tensors = _mr([x["tensor_peak_mib"] for x in rows], ".0f")
+                ratios = [x["tensor_peak_mib"] / p["tensor_peak_mib"] for x, p in zip(rows, peers)]
+                tensor_ratio = _mr(ratios, ".2f") + "x"
             state = rows[0]["state_mib"]
             shard = state / rows[0]["state_unsharded_mib"]
             diff = norm_diff = "-"
@@ -172,7 +189,8 @@ def table(runs: list[dict]) -> str:
                 diff = f"{every:.1e} ({max(x['rel_diff_vs_peer_no_key_bias'] for x in rows):.1e})"
             lines.append(
                 f"| {world} | {impl} | {_mr(step, '.1f')} | {_mr(step_ratio, '.2f')}x | {_mr(peak, '.0f')} | "
-                f"{_mr(peak_ratio, '.2f')}x | {state:.2f} ({shard:.3f} = {shard * world:.3f}/N) | {diff} "
+                f"{_mr(peak_ratio, '.2f')}x | {tensors} | {tensor_ratio} "
+                f"| {state:.2f} ({shard:.3f} = {shard * world:.3f}/N) | {diff} "
                 f"| {norm_diff} |"
             )
     return "\n".join(lines)

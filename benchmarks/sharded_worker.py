@@ -18,7 +18,7 @@ Implementations (``--impl``):
 - ``fsdp2``: the peer. ``fully_shard`` on each ``Block``, then on the root (the standard recipe;
   default ``reshard_after_forward``), ``torch.optim.AdamW`` (foreach, torch's default), and
   ``opt.zero_grad(); loss.backward(); opt.step()``.
-- ``functrain-eager`` / ``functrain-eager-inplace`` / ``functrain-compiled``:
+- ``functrain-eager`` / ``functrain-eager-inplace`` / ``functrain-compiled`` / ``functrain-compiled-inplace``:
   ``ft.TrainState.create(model, tx, mesh=mesh)`` and ``ft.make_train_step(model, lm_loss, tx,
   mesh=mesh, compile=..., inplace=...)`` with ``tx = ft.adamw(...)``.
 - ``dp-eager`` / ``dp-compiled``: functrain's data-parallel path, every rank holding everything:
@@ -66,6 +66,7 @@ IMPLEMENTATIONS = (
     "functrain-eager",
     "functrain-eager-inplace",
     "functrain-compiled",
+    "functrain-compiled-inplace",
     "dp-eager",
     "dp-compiled",
 )
@@ -109,12 +110,15 @@ def make_fsdp2(model, mesh):
     def state_tensors() -> list:
         return [p for p in model.parameters()] + [v for s in opt.state.values() for v in s.values()]
 
-    return run, params, state_tensors
+    def held_tensors() -> list:  # between steps: the gradients too, freed by the next zero_grad
+        return state_tensors() + [p.grad for p in model.parameters() if p.grad is not None]
+
+    return run, params, state_tensors, held_tensors
 
 
 def make_functrain(impl, model, mesh):
     tx = ft.adamw(lr=LR, weight_decay=WEIGHT_DECAY)
-    compile_ = impl.endswith("compiled")
+    compile_ = "compiled" in impl
     if impl.startswith("dp-"):
         tx = ft.chain(ft.distributed.sync_gradients(), tx)
         state = ft.distributed.broadcast_state(ft.TrainState.create(model, tx))
@@ -136,12 +140,35 @@ def make_functrain(impl, model, mesh):
     def state_tensors() -> list:
         return ft._tree.leaves(carry["state"].params) + ft._tree.leaves(carry["state"].opt_state)
 
-    return run, params, state_tensors
+    def held_tensors() -> list:
+        return ft._tree.leaves(carry["state"])
+
+    return run, params, state_tensors, held_tensors
 
 
 def whole(params: dict) -> dict:
     """Every parameter whole, on CPU (collective for DTensors: every rank calls it)."""
     return {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for k, p in params.items()}
+
+
+def tensor_peak_bytes(run: Callable, batch, held_tensors: Callable) -> int:
+    """The most tensor memory live during ``run(batch)`` (CPU): the bytes of the tensors held when
+    it begins (``held_tensors()``, local shards) plus the largest net allocation during it, from
+    the profiler's allocation events (inductor's buffers included). Unlike the RSS it leaves out
+    what is not a tensor: a compiled step's compiler, code and caches, which stay resident."""
+    from torch.profiler import ProfilerActivity, profile
+
+    held = local_bytes({id(t): t for t in held_tensors()}.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(batch)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    net = peak = 0
+    for event in events:
+        net += event.nbytes()
+        peak = max(peak, net)
+    return held + peak
 
 
 def timed_steps(run: Callable, batches: list, device: torch.device) -> list[float]:
@@ -191,13 +218,14 @@ def main() -> None:
         for b in token_batches(everyone, device, n=args.warmup + args.steps, seed=1)
     ]
     if args.impl == "fsdp2":
-        run, params, state_tensors = make_fsdp2(model, mesh)
+        run, params, state_tensors, held_tensors = make_fsdp2(model, mesh)
     else:
-        run, params, state_tensors = make_functrain(args.impl, model, mesh)
+        run, params, state_tensors, held_tensors = make_functrain(args.impl, model, mesh)
 
     warm_start = time.perf_counter()
-    for batch in batches[: args.warmup]:
+    for batch in batches[: args.warmup - 1]:
         run(batch)
+    tensor_peak = None if cuda else tensor_peak_bytes(run, batches[args.warmup - 1], held_tensors)
     if cuda:
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - warm_start
@@ -222,6 +250,7 @@ def main() -> None:
             "before_steps_bytes": before - base_rss,
             "peak_anon_bytes": sampler.peak_anon - base_anon,
             "before_steps_anon_bytes": before_anon - base_anon,
+            "tensor_peak_bytes": tensor_peak,
         }
         method = "peak RSS over the timed steps (1 ms statm samples, VmHWM) minus the RSS at the base"
 

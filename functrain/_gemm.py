@@ -15,7 +15,7 @@ faster into the ``functrain::onednn_mm`` op. Both compute the same sums in a dif
 results agree to float32 rounding, as any two BLAS builds do.
 
 The pass runs only when the user opts in with ``compile={"cpu_gemm": "fastest"}``
-(``functrain.step._with_gemm_pass``): the choice depends on timings, so two cold compiles (two
+(``functrain.step._with_graph_passes``): the choice depends on timings, so two cold compiles (two
 processes, or an empty inductor cache) may choose differently where the two times are close, and
 their numbers then differ at float32 rounding. A default compiled step keeps every GEMM on ATen and
 is bitwise reproducible across processes (DESIGN.md 2a).
@@ -164,6 +164,9 @@ class FasterGemms(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
+
+    def __repr__(self) -> str:  # the same in every process: a precompiled step's key holds it
+        return "functrain._gemm.GEMM_PASS"
 
 
 GEMM_PASS = FasterGemms()

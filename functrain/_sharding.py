@@ -138,8 +138,9 @@ def gather_all(params: list[Tensor]) -> list[Tensor]:
     autograd derives the backward (``split``'s backward is one ``cat`` into a single bucket-sized
     gradient) and ``torch.compile`` traces it with the collectives inside.
 
-    Every parameter is whole from here to the end of the forward pass (FSDP2 frees each block's
-    after the block has run): the step's peak memory holds the whole model once, besides the shards.
+    Every parameter is whole from here to its last use, in the backward pass for most: the
+    callers bound that, eager by gathering each block as it runs (:class:`BlockGather`), compiled
+    with a graph pass (:mod:`functrain._regather`).
     """
     out: list[Tensor | None] = [None] * len(params)
     for i, p in enumerate(params):
@@ -278,11 +279,13 @@ def gather_units(model: torch.nn.Module) -> list[str]:
 def run_gathered(run: Any, model: torch.nn.Module, params: dict[str, Tensor]) -> Any:
     """``run(whole_params)``, the forward pass of ``model`` (a step's stateless copy) on the whole
     of the DTensors ``params``: eager, each block gathered as it runs (:class:`BlockGather`);
-    compiled, every parameter gathered up front, so the step stays one graph (module and
-    saved-tensor hooks are eager's)."""
-    if torch.compiler.is_compiling():
-        return run(gather_params(params))
+    compiled, every block traced as gathered up front in a bucket of its own (module and
+    saved-tensor hooks are eager's), and the compiled step's graph pass
+    (:data:`functrain._regather.REGATHER_PASS`) moves each gather to the block and gathers again
+    for its backward pass."""
     units = gather_units(model)
+    if torch.compiler.is_compiling():
+        return run(gather_by_unit(units, params))
     try:
         with BlockGather(model, units, params) as blocks:
             out = run(blocks.root())
@@ -293,6 +296,20 @@ def run_gathered(run: Any, model: torch.nn.Module, params: dict[str, Tensor]) ->
     if has_dtensors(out):
         raise _used_outside(units)
     return out
+
+
+def gather_by_unit(units: list[str], params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`gather_params` with the root's parameters and each unit's in buckets of their own,
+    as the compiled step gathers them: there, :data:`functrain._regather.REGATHER_PASS` moves
+    each unit's gather to the unit and repeats it for the unit's backward pass."""
+    groups: dict[str, list[str]] = {}
+    for name in params:
+        unit = next((u for u in units if name.startswith(u + ".")), "")
+        groups.setdefault(unit, []).append(name)
+    out = {}
+    for names in groups.values():
+        out.update(zip(names, gather_all([params[k] for k in names])))
+    return {k: out[k] for k in params}
 
 
 def _used_outside(units: list[str]) -> ValueError:

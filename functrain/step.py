@@ -416,7 +416,7 @@ def make_train_step(
         autocast with dropout in scaled_dot_product_attention); and it is the only way on DTensor.
 
         Sharded (``mesh``), each parameter is gathered where the model runs (``functrain._sharding``:
-        eager, block by block as each block runs; compiled, all before the forward pass), the
+        block by block as each block runs, in the forward and again in the backward pass), the
         gradients come back as shards like the params', and loss and metrics are averaged over the
         ranks. Parameters in ``frozen`` are not differentiated: their gradients are zeros."""
         leaves, spec = _tree.flatten(params)
@@ -521,7 +521,8 @@ def make_train_step(
 
     # Compiled, a plain call runs autograd_step; a step that is itself vmapped or differentiated
     # runs `step` (torch.func), which a sharded step cannot (torch.func does not run on DTensor).
-    return _checked(step, pure_step, compile, first_call, forward, autograd_step, transformable=mesh is None)
+    sharded = mesh is not None
+    return _checked(step, pure_step, compile, first_call, forward, autograd_step, not sharded, sharded)
 
 
 def _rng_untouched(params: Params):
@@ -599,7 +600,7 @@ def make_eval_step(
             evaluate(state, batch)
         forward.check_structure()
 
-    return _checked(evaluate, evaluate, compile, first_call, forward)
+    return _checked(evaluate, evaluate, compile, first_call, forward, sharded=mesh is not None)
 
 
 def _check_step_args(owner: str, model: Any, loss_fn: Any, compile: Any, precision: Any) -> None:
@@ -645,11 +646,12 @@ def _checked(
     forward: _Forward,
     autograd_fn: Callable | None = None,
     transformable: bool = True,
+    sharded: bool = False,
 ) -> Callable:
     """``fn``, compiled when asked, whose errors are the eager step's: same type, same message.
     ``autograd_fn``: the same step differentiating with ``torch.autograd.grad``, which compiled
     plain calls run (see :class:`_CompiledStep`); ``transformable=False``: there is no ``fn`` to
-    run under ``torch.func`` transforms."""
+    run under ``torch.func`` transforms; ``sharded``: the step gathers its parameters (``mesh=``)."""
     if compile is False:
         return _EagerStep(fn, forward)
     _import_cpp_extension_without_its_cuda_notice()
@@ -662,7 +664,7 @@ def _checked(
     precompile = options.pop("precompile", False)
     if not isinstance(precompile, bool):
         raise ValueError(f"compile['precompile'] must be True or False, got {precompile!r}")
-    options = _with_gemm_pass(options)
+    options = _with_graph_passes(options, sharded)
     sources = {"transformable": fn if transformable else None, "by_autograd": autograd_fn}
     own = {name: None if f is None else _with_own_code(f) for name, f in sources.items()}
     compiled = {name: None if f is None else _compile(f, options) for name, f in own.items()}
@@ -850,29 +852,51 @@ def _differentiated(args: Any, kwargs: Any) -> bool:
     )
 
 
-def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` for ``torch.compile``, less functrain's own key ``cpu_gemm``.
+def _with_graph_passes(options: dict[str, Any], sharded: bool) -> dict[str, Any]:
+    """``options`` for ``torch.compile``, less functrain's own key ``cpu_gemm``, with functrain's
+    inductor passes set where they apply (a pass the caller set in the same slot is kept instead).
 
     ``cpu_gemm="aten"`` (the default) leaves every GEMM on ATen: no timing, so the compiled step's
     numbers are the same in every process (DESIGN.md 2a). ``cpu_gemm="fastest"`` sets inductor's
     post-grad pass to :data:`functrain._gemm.GEMM_PASS` (each float32 CPU GEMM on the faster of
-    ATen's BLAS and oneDNN, timed while compiling), unless the caller set that pass themselves or
-    compiles with another backend. ``torch.compile`` takes a ``mode`` or ``options``, not both, so
-    then a ``mode`` becomes the inductor options it stands for.
+    ATen's BLAS and oneDNN, timed while compiling). A ``sharded`` step gets
+    :data:`functrain._regather.REGATHER_PASS` as the post-grad pre-pass: each block's parameters
+    are whole only while the block runs, forward and backward, as FSDP2 does; the numbers are the
+    same with and without it. Neither applies to another backend than inductor. ``torch.compile``
+    takes a ``mode`` or ``options``, not both, so then a ``mode`` becomes the inductor options it
+    stands for.
     """
     options = dict(options)
     cpu_gemm = options.pop("cpu_gemm", "aten")
     allowed = ("aten", "fastest")
     if not isinstance(cpu_gemm, str) or cpu_gemm not in allowed:
         raise ValueError(f"compile['cpu_gemm'] must be one of {allowed}, got {cpu_gemm!r}")
-    if cpu_gemm == "aten" or options.get("backend", "inductor") != "inductor":
+    if options.get("backend", "inductor") != "inductor" or ("mode" in options and "options" in options):
+        return options  # (given both mode and options, they are left for torch.compile to refuse)
+    passes = {}
+    if cpu_gemm == "fastest":
+        passes.update(_gemm_pass())
+    if sharded:
+        from ._regather import REGATHER_PASS
+
+        passes["post_grad_custom_pre_pass"] = REGATHER_PASS
+    if not passes:
         return options
-    if "mode" in options and "options" in options:
-        return options  # (given both, the options are left for torch.compile to refuse)
+    from torch._inductor import list_mode_options
+
+    mode = options.pop("mode", None)
+    inductor = dict(list_mode_options(mode, options.get("dynamic")) if mode else options.get("options") or {})
+    for slot, graph_pass in passes.items():
+        inductor.setdefault(slot, graph_pass)
+    return {**options, "options": inductor}
+
+
+def _gemm_pass() -> dict[str, Any]:
+    """``{inductor slot: GEMM_PASS}``, or nothing, with a warning, where this torch lacks the slot."""
     # Imported here: importing inductor takes over a second, which only a compiled step should pay.
     # The hooks are private inductor API: if they moved, the opt-in is lost with a warning, never the step.
     try:
-        from torch._inductor import config, list_mode_options
+        from torch._inductor import config
 
         from ._gemm import GEMM_PASS
 
@@ -883,13 +907,10 @@ def _with_gemm_pass(options: dict[str, Any]) -> dict[str, Any]:
         warnings.warn(
             f"compile['cpu_gemm']='fastest' is unavailable in this torch ({missing}); every GEMM stays on ATen",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return options
-    mode = options.pop("mode", None)
-    inductor = dict(list_mode_options(mode, options.get("dynamic")) if mode else options.get("options") or {})
-    inductor.setdefault("post_grad_custom_post_pass", GEMM_PASS)
-    return {**options, "options": inductor}
+        return {}
+    return {"post_grad_custom_post_pass": GEMM_PASS}
 
 
 def _with_own_code(fn: Callable) -> Callable:

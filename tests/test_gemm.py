@@ -19,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import functrain as ft
 from functrain import _gemm
-from functrain.step import _with_gemm_pass
+from functrain.step import _with_graph_passes
 
 needs_onednn = pytest.mark.skipif(not _gemm.onednn_available(), reason="torch built without oneDNN")
 aten = torch.ops.aten
@@ -186,15 +186,16 @@ def test_default_compile_options_run_no_timing_pass():
     """Without the opt-in nothing is timed: the options reach torch.compile as given (a bitwise
     reproducible step, DESIGN.md 2a)."""
     for options in ({"fullgraph": True}, {"mode": "max-autotune"}, {"dynamic": True, "options": {"trace.enabled": 0}}):
-        assert _with_gemm_pass(options) == options
-        assert _with_gemm_pass({**options, "cpu_gemm": "aten"}) == options
+        assert _with_graph_passes(options, sharded=False) == options
+        assert _with_graph_passes({**options, "cpu_gemm": "aten"}, sharded=False) == options
 
 
 def test_the_opt_in_rides_on_the_compile_options_and_a_mode_becomes_its_options():
     given = {"fullgraph": True, "cpu_gemm": "fastest"}
-    assert _with_gemm_pass(given) == {"fullgraph": True, "options": {"post_grad_custom_post_pass": _gemm.GEMM_PASS}}
+    expected = {"fullgraph": True, "options": {"post_grad_custom_post_pass": _gemm.GEMM_PASS}}
+    assert _with_graph_passes(given, sharded=False) == expected
     assert given == {"fullgraph": True, "cpu_gemm": "fastest"}  # the caller's dict is left alone
-    autotuned = _with_gemm_pass({"mode": "max-autotune", "cpu_gemm": "fastest"})
+    autotuned = _with_graph_passes({"mode": "max-autotune", "cpu_gemm": "fastest"}, sharded=False)
     assert "mode" not in autotuned
     assert autotuned["options"] == {
         **torch._inductor.list_mode_options("max-autotune"),
@@ -203,16 +204,16 @@ def test_the_opt_in_rides_on_the_compile_options_and_a_mode_becomes_its_options(
     # A post-grad pass the caller set themselves (None: none) is respected.
     for own in (None, _gemm.FasterGemms()):
         options = {"cpu_gemm": "fastest", "options": {"post_grad_custom_post_pass": own}}
-        assert _with_gemm_pass(options)["options"] == {"post_grad_custom_post_pass": own}
-    assert _with_gemm_pass({"backend": "eager", "cpu_gemm": "fastest"}) == {"backend": "eager"}
+        assert _with_graph_passes(options, sharded=False)["options"] == {"post_grad_custom_post_pass": own}
+    assert _with_graph_passes({"backend": "eager", "cpu_gemm": "fastest"}, sharded=False) == {"backend": "eager"}
     both = {"mode": "max-autotune", "options": {"max_autotune": True}}  # torch.compile refuses this
-    assert _with_gemm_pass({**both, "cpu_gemm": "fastest"}) == both
+    assert _with_graph_passes({**both, "cpu_gemm": "fastest"}, sharded=False) == both
 
 
 @pytest.mark.parametrize("value", ["onednn", "Fastest", None, True])
 def test_an_unknown_cpu_gemm_names_the_key_and_the_allowed_values(value):
     with pytest.raises(ValueError, match=r"compile\['cpu_gemm'\] must be one of \('aten', 'fastest'\)"):
-        _with_gemm_pass({"cpu_gemm": value})
+        _with_graph_passes({"cpu_gemm": value}, sharded=False)
     with pytest.raises(ValueError, match=r"compile\['cpu_gemm'\]"):
         ft.make_train_step(mlp(), regression, ft.sgd(lr=0.1), compile={"cpu_gemm": value})
 

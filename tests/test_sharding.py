@@ -185,6 +185,72 @@ def compiled_scenario(rank):
     }
 
 
+def block_model():
+    """Units only: the input layer, three blocks and the head are each an element of a Sequential."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh()) for _ in range(3)]
+    return nn.Sequential(nn.Linear(6, 8), *blocks, nn.Linear(8, 1))
+
+
+def most_gathers_live(graph):
+    """The most all-gathers whose bytes are live at one point of ``graph``: a gather's bytes live
+    from the all_gather to the last read of it or of a node computed from it alone (its views,
+    splits and copies)."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    spans = []
+    for node in nodes:
+        if node.target is not torch.ops._c10d_functional.all_gather_into_tensor.default:
+            continue
+        derived = {node}
+        for later in nodes[position[node] + 1 :]:
+            computed = [i for i in later.all_input_nodes if i.op == "call_function"]
+            if computed and all(i in derived for i in computed):
+                derived.add(later)
+        spans.append((position[node], max(position[u] for d in derived for u in d.users)))
+    return max(sum(start <= p <= end for start, end in spans) for p in range(len(nodes)))
+
+
+def regather_scenario(rank):
+    """Compiled, each unit's parameters are whole only while the unit runs, forward and backward,
+    and the numbers are those of the same graph without the pass."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from functrain._regather import regather
+
+    world, mesh = torch.distributed.get_world_size(), mesh_1d()
+    data = batches(n=2, dtype=torch.float32)
+    model = block_model()
+
+    class Recorded(CustomGraphPass):
+        """Records the gathers live at once in the post-grad graph, after ``regather`` if ``transform``."""
+
+        def __init__(self, transform):
+            self.transform, self.live, self.gathers = transform, [], []
+
+        def __call__(self, graph):
+            if self.transform:
+                regather(graph)
+            self.live.append(most_gathers_live(graph))
+            all_gather = torch.ops._c10d_functional.all_gather_into_tensor.default
+            self.gathers.append(sum(n.target is all_gather for n in graph.nodes))
+
+        def uuid(self):
+            return None  # (inductor's cache is bypassed: every compile runs the pass)
+
+    out = {}
+    for name, transform in (("with", True), ("without", False)):
+        recorded = Recorded(transform)
+        compile_ = {"options": {"post_grad_custom_pre_pass": recorded}}
+        state, _ = train(model, ft.adamw(lr=0.01), data, mesh, rank, world, compile=compile_)
+        out[name] = whole(state).params
+        out[f"{name}_live"] = torch.tensor(recorded.live)
+        out[f"{name}_gathers"] = torch.tensor(recorded.gathers)
+    reference, _ = train(model, ft.adamw(lr=0.01), data)
+    out["error"] = torch.tensor(max_relative_error(out["with"], reference.params))
+    return out
+
+
 def options_scenario(rank):
     """Microbatches, BatchNorm statistics averaged over ranks, an in-place (donating) step, one
     tensor per gather bucket, the eval step and a frozen layer."""
@@ -360,6 +426,39 @@ def test_compiled_sharded_step_equals_eager_one_process_in_one_graph(tmp_path):
         assert r["error"] < 1e-5, r["error"]
         assert int(r["graphs"]) == 1
     assert torch.equal(ranks[0]["loss"], ranks[1]["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_units_are_whole_only_while_they_run_with_the_same_numbers(tmp_path):
+    for r in run_on_ranks(regather_scenario, 2, tmp_path):
+        # four gathered units (the head's one-row weight is replicated, never gathered): without
+        # the pass all four are gathered at the start and stay whole into the backward pass; with
+        # it, at most the unit running and the next one's gather, issued at its first use
+        assert r["without_live"].tolist() == [4] and r["without_gathers"].tolist() == [4], r
+        assert r["with_live"].max() <= 2, r["with_live"]
+        # the backward pass gathers each block again (not the input layer: the batch does not
+        # require grad, so no backward op reads that weight)
+        assert r["with_gathers"].tolist() == [4 + 3], r["with_gathers"]
+        for name, p in r["with"].items():
+            assert torch.equal(p, r["without"][name]), name
+        assert r["error"] < 1e-5, r["error"]
+
+
+def test_a_sharded_compiled_step_gets_the_regather_pass_unless_the_slot_is_taken():
+    from functrain._gemm import GEMM_PASS
+    from functrain._regather import REGATHER_PASS
+    from functrain.step import _with_graph_passes
+
+    assert _with_graph_passes({}, sharded=True) == {"options": {"post_grad_custom_pre_pass": REGATHER_PASS}}
+    both = _with_graph_passes({"mode": "max-autotune", "cpu_gemm": "fastest"}, sharded=True)["options"]
+    assert both["post_grad_custom_pre_pass"] is REGATHER_PASS and both["post_grad_custom_post_pass"] is GEMM_PASS
+    assert both["max_autotune"] is True  # the mode became its options
+    own = {"options": {"post_grad_custom_pre_pass": None}}
+    assert _with_graph_passes(own, sharded=True) == own  # the caller's own value (None: no pass) is kept
+    assert _with_graph_passes({"backend": "aot_eager"}, sharded=True) == {"backend": "aot_eager"}
+    assert _with_graph_passes({}, sharded=False) == {}
+    # a precompiled step's key holds the options' repr: it must not be an address
+    assert repr(REGATHER_PASS) == "functrain._regather.REGATHER_PASS" and repr(GEMM_PASS) == "functrain._gemm.GEMM_PASS"
 
 
 def test_microbatches_batchnorm_inplace_eval_and_freezing_sharded(tmp_path):
