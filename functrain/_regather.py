@@ -185,14 +185,21 @@ def _gather_where_used(graph: torch.fx.Graph) -> None:
             continue
         position = _position(graph)
         late = _backward_uses(parameter_of, uses, position)
-        if late:
-            _second_gather(graph, sorted(upstream, key=position), parameter_of, late)
-        # Move the gather, and the copies made before the first use, down to that use.
-        position = _position(graph)
-        first = min((n for n in uses if n not in late), key=position)
-        for n in sorted({*upstream, *parameter_of}, key=position):
-            if position(n) < position(first):
-                first.prepend(n)
+        second = _second_gather(graph, sorted(upstream, key=position), parameter_of, late) if late else []
+        _sink(graph, [*upstream, *parameter_of, *second])
+
+
+def _sink(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+    """Each of ``nodes`` moved down to just before its earliest reader, the latest first (so a
+    node's readers among them are in their places when it moves). A node never passes one of its
+    readers, whichever other nodes read it (a view of a shard that two gathers share)."""
+    index = {n: float(i) for i, n in enumerate(graph.nodes)}
+    for n in sorted(set(nodes), key=index.__getitem__, reverse=True):
+        if not n.users:
+            continue
+        reader = min(n.users, key=index.__getitem__)
+        reader.prepend(n)
+        index[n] = (index.get(n.prev, -1.0) + index[reader]) / 2
 
 
 def _second_gather(
@@ -200,10 +207,10 @@ def _second_gather(
     upstream: list[torch.fx.Node],
     parameter_of: dict[torch.fx.Node, torch.fx.Node],
     late: list[torch.fx.Node],
-) -> None:
+) -> list[torch.fx.Node]:
     """A copy of the gather ``upstream`` and of the copy ops that the ``late`` uses read, placed
     before the first of them; the late uses read it instead, and copy ops left unread go (from
-    the graph and from ``parameter_of``)."""
+    the graph and from ``parameter_of``). Returns the copies."""
     position = _position(graph)
     needed: set[torch.fx.Node] = set()
     todo = [i for use in late for i in use.all_input_nodes if i in parameter_of]
@@ -224,6 +231,7 @@ def _second_gather(
         if not n.users and n is not upstream[-1]:
             graph.erase_node(n)
             del parameter_of[n]
+    return list(copied.values())
 
 
 class _RegatherPass(CustomGraphPass):

@@ -444,6 +444,51 @@ def test_compiled_units_are_whole_only_while_they_run_with_the_same_numbers(tmp_
         assert r["error"] < 1e-5, r["error"]
 
 
+def test_the_regather_pass_moves_gathers_to_their_uses_and_gathers_again_for_the_backward():
+    """On a graph written by hand: two gathers share a view of one shard (as after CSE); the
+    second's use comes later; the last use of the first depends on its first use (a backward use)."""
+    from functrain._regather import regather
+
+    aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+    graph = torch.fx.Graph()
+    shard, x = graph.placeholder("shard"), graph.placeholder("x")
+    flat = graph.call_function(aten.reshape.default, (shard, [-1]))
+    waits = []
+    for _ in range(2):
+        gathered = graph.call_function(c10d.all_gather_into_tensor.default, (flat, 2, "0"))
+        waits.append(graph.call_function(c10d.wait_tensor.default, (gathered,)))
+    h = graph.call_function(aten.tanh.default, (x,))
+    w1 = graph.call_function(aten.reshape.default, (waits[0], [4, 4]))
+    y = graph.call_function(aten.mm.default, (h, w1))  # the first gather's forward use
+    w2 = graph.call_function(aten.reshape.default, (waits[1], [4, 4]))
+    z = graph.call_function(aten.mm.default, (y, w2))  # the second gather's
+    back = graph.call_function(aten.mm.default, (z, w1))  # depends on y: a backward use
+    graph.output((back,))
+    regather(graph)  # (lints the graph: every node after what it reads)
+    order = [n for n in graph.nodes if n.op == "call_function"]
+    gathers = [n for n in order if n.target is c10d.all_gather_into_tensor.default]
+    assert len(gathers) == 3  # the second gather has no backward use: no third copy
+    name = [n.target.__name__ if hasattr(n.target, "__name__") else str(n.target) for n in order]
+    assert name == [
+        "tanh.default",  # the gathers moved past the op that does not read them
+        "reshape.default",
+        "all_gather_into_tensor.default",
+        "wait_tensor.default",
+        "reshape.default",
+        "mm.default",  # y
+        "all_gather_into_tensor.default",
+        "wait_tensor.default",
+        "reshape.default",
+        "mm.default",  # z
+        "reshape.default",  # gathered again for the backward use, from its own view of the shard
+        "all_gather_into_tensor.default",
+        "wait_tensor.default",
+        "reshape.default",
+        "mm.default",  # back
+    ], name
+    assert back.args[1] is not w1 and back.args[1].args[0].args[0] is gathers[2]
+
+
 def test_a_sharded_compiled_step_gets_the_regather_pass_unless_the_slot_is_taken():
     from functrain._gemm import GEMM_PASS
     from functrain._regather import REGATHER_PASS
