@@ -60,7 +60,9 @@ _COPY_OPS = {
 
 
 def _functional_collective(name: str) -> Any:
-    return getattr(torch.ops._c10d_functional, name).default
+    """``torch.ops._c10d_functional.<name>.default``; None where this torch has no such op (then
+    the pass finds nothing to move, and the graph runs as traced)."""
+    return getattr(getattr(torch.ops._c10d_functional, name, None), "default", None)
 
 
 def _gathers(graph: torch.fx.Graph) -> list[tuple[list[torch.fx.Node], torch.fx.Node]]:

@@ -877,40 +877,59 @@ def _with_graph_passes(options: dict[str, Any], sharded: bool) -> dict[str, Any]
     if cpu_gemm == "fastest":
         passes.update(_gemm_pass())
     if sharded:
-        from ._regather import REGATHER_PASS
-
-        passes["post_grad_custom_pre_pass"] = REGATHER_PASS
+        passes.update(_regather_pass())
     if not passes:
         return options
-    from torch._inductor import list_mode_options
-
     mode = options.pop("mode", None)
+    if mode:
+        try:
+            from torch._inductor import list_mode_options
+        except ImportError as error:
+            warnings.warn(
+                f"compile mode {mode!r} cannot carry functrain's graph passes in this torch ({error}): they are off",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return {**options, "mode": mode}
     inductor = dict(list_mode_options(mode, options.get("dynamic")) if mode else options.get("options") or {})
     for slot, graph_pass in passes.items():
         inductor.setdefault(slot, graph_pass)
     return {**options, "options": inductor}
 
 
+def _regather_pass() -> dict[str, Any]:
+    return _inductor_pass(
+        "post_grad_custom_pre_pass",
+        "REGATHER_PASS",
+        "the compiled sharded step's regather pass",
+        "every parameter is gathered whole for the whole step",
+    )
+
+
 def _gemm_pass() -> dict[str, Any]:
-    """``{inductor slot: GEMM_PASS}``, or nothing, with a warning, where this torch lacks the slot."""
+    return _inductor_pass(
+        "post_grad_custom_post_pass", "GEMM_PASS", "compile['cpu_gemm']='fastest'", "every GEMM stays on ATen"
+    )
+
+
+def _inductor_pass(slot: str, name: str, what: str, without: str) -> dict[str, Any]:
+    """``{slot: functrain's pass <name>}``; nothing, with a warning (``what`` is unavailable:
+    ``without``), where this torch lacks inductor's ``slot`` or what the pass imports. Both passes
+    change no numbers a user relies on by default, so a step without one still runs."""
     # Imported here: importing inductor takes over a second, which only a compiled step should pay.
-    # The hooks are private inductor API: if they moved, the opt-in is lost with a warning, never the step.
+    # The hooks are private inductor API: if they moved, the pass is lost with a warning, never the step.
+    module = {"GEMM_PASS": "_gemm", "REGATHER_PASS": "_regather"}[name]
     try:
         from torch._inductor import config
 
-        from ._gemm import GEMM_PASS
-
-        missing = None if hasattr(config, "post_grad_custom_post_pass") else "inductor's post_grad_custom_post_pass"
+        graph_pass = getattr(importlib.import_module(f"functrain.{module}"), name)
+        missing = None if hasattr(config, slot) else f"inductor's {slot}"
     except ImportError as error:
         missing = str(error)
     if missing is not None:
-        warnings.warn(
-            f"compile['cpu_gemm']='fastest' is unavailable in this torch ({missing}); every GEMM stays on ATen",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        warnings.warn(f"{what} is unavailable in this torch ({missing}): {without}", RuntimeWarning, stacklevel=5)
         return {}
-    return {"post_grad_custom_post_pass": GEMM_PASS}
+    return {slot: graph_pass}
 
 
 def _with_own_code(fn: Callable) -> Callable:

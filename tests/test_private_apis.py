@@ -309,9 +309,45 @@ def test_without_torchs_assert_async_apply_if_finite_still_raises_in_eager_mode(
 def test_without_inductors_pass_hooks_the_gemm_opt_in_warns_and_stays_on_aten(monkeypatch):
     import sys
 
-    from functrain.step import _with_gemm_pass
+    from functrain.step import _with_graph_passes
 
     monkeypatch.setitem(sys.modules, "functrain._gemm", None)  # importing it now raises ImportError
     with pytest.warns(RuntimeWarning, match="every GEMM stays on ATen"):
-        options = _with_gemm_pass({"cpu_gemm": "fastest", "fullgraph": True})
+        options = _with_graph_passes({"cpu_gemm": "fastest", "fullgraph": True}, sharded=False)
     assert options == {"fullgraph": True}
+
+
+def test_without_inductors_pre_pass_slot_a_sharded_step_warns_and_compiles_without_the_regather_pass(monkeypatch):
+    from torch._inductor import config
+
+    from functrain.step import _with_graph_passes
+
+    monkeypatch.delattr(config, "post_grad_custom_pre_pass")
+    expected = "regather pass is unavailable.*every parameter is gathered whole for the whole step"
+    with pytest.warns(RuntimeWarning, match=expected):
+        options = _with_graph_passes({"fullgraph": True}, sharded=True)
+    assert options == {"fullgraph": True}
+
+
+def test_without_the_functional_collective_ops_the_regather_pass_leaves_the_graph_alone(monkeypatch):
+    from functrain import _regather
+
+    c10d = torch.ops._c10d_functional  # (the graph holds the ops themselves, whatever the namespace says later)
+
+    def graph_with_a_gather_before_an_op_that_does_not_read_it():
+        graph = torch.fx.Graph()
+        shard, x = graph.placeholder("shard"), graph.placeholder("x")
+        gathered = graph.call_function(c10d.all_gather_into_tensor.default, (shard, 2, "0"))
+        wait = graph.call_function(c10d.wait_tensor.default, (gathered,))
+        h = graph.call_function(torch.ops.aten.tanh.default, (x,))
+        graph.output((graph.call_function(torch.ops.aten.mul.Tensor, (h, wait)),))
+        return graph
+
+    graph = graph_with_a_gather_before_an_op_that_does_not_read_it()
+    before = str(graph)
+    _regather.regather(graph)
+    assert str(graph) != before  # with the ops, the gather moves down to its use
+    monkeypatch.setattr(torch.ops, "_c10d_functional", object())  # no ops by those names
+    graph = graph_with_a_gather_before_an_op_that_does_not_read_it()
+    _regather.regather(graph)
+    assert str(graph) == before
