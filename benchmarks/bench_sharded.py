@@ -37,6 +37,7 @@ WORKER = os.path.join(HERE, "sharded_worker.py")
 PEER = "fsdp2"
 FULL_IMPLS = (
     "fsdp2",
+    "ddp",
     "functrain-eager",
     "functrain-eager-inplace",
     "functrain-compiled",
@@ -48,7 +49,9 @@ SMOKE_IMPLS = ("fsdp2", "functrain-eager", "dp-eager")
 MiB = 2**20
 
 
-def launch(impl: str, world: int, scale: str, device: str, out: str, threads: int, timeout: float = 1200) -> dict:
+def launch(
+    impl: str, world: int, scale: str, device: str, out: str, threads: int, tensor_peak: bool = False, timeout=1200
+) -> dict:
     """One torchrun of ``sharded_worker.py``: rank 0's JSON, with the whole parameters under ``"params"``."""
     cmd = [
         sys.executable,
@@ -61,6 +64,7 @@ def launch(impl: str, world: int, scale: str, device: str, out: str, threads: in
         f"--scale={scale}",
         f"--device={device}",
         f"--out={out}",
+        *(["--tensor-peak"] if tensor_peak else []),
     ]
     # One intra-op thread per rank on CPU; glibc returns freed blocks to the OS, so the RSS follows live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -106,14 +110,14 @@ def max_norm_relative_difference(actual: dict, expected: dict) -> float:
     return max(((actual[k] - e).norm() / e.norm().clamp_min(1e-30)).item() for k, e in expected.items())
 
 
-def one_run(worlds, impls, scale: str, device: str, threads: int, log=print) -> dict:
+def one_run(worlds, impls, scale: str, device: str, threads: int, log=print, tensor_peak: bool = False) -> dict:
     """Every implementation at every world size once: ``{world: {impl: summary}}``."""
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="functrain-sharded-") as tmp:
         for world in worlds:
             results = {}
             for impl in impls:
-                results[impl] = launch(impl, world, scale, device, os.path.join(tmp, str(world)), threads)
+                results[impl] = launch(impl, world, scale, device, os.path.join(tmp, str(world)), threads, tensor_peak)
                 log(f"  {world} ranks {impl}: median step {statistics.median(results[impl]['step_s']) * 1e3:.1f} ms")
             out[world] = {impl: summarise(r, results.get(PEER)) for impl, r in results.items()}
     return out
@@ -196,6 +200,10 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=("full", "smoke"), default="full")
@@ -205,6 +213,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--impls", nargs="+", choices=FULL_IMPLS, help="default: all (full), a few (smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     parser.add_argument("--json", help="write every run's numbers here")
+    parser.add_argument(
+        "--tensor-peak",
+        action="store_true",
+        help="CPU: also measure each step's tensor memory with the profiler (the 'tensor peak' column)",
+    )
     args = parser.parse_args(argv)
     impls = args.impls or (FULL_IMPLS if args.scale == "full" else SMOKE_IMPLS)
     if PEER not in impls:
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i in range(args.runs):
         print(f"run {i + 1}/{args.runs}", file=sys.stderr)
         load_start = os.getloadavg()[0]
-        run = one_run(args.ranks, impls, args.scale, args.device, args.threads, log=lambda m: print(m, file=sys.stderr))
+        run = one_run(args.ranks, impls, args.scale, args.device, args.threads, _stderr, args.tensor_peak)
         # Other processes skew the timings on a small box: a quiet 2-core machine reads below 1.
         run["load_average"] = [load_start, os.getloadavg()[0]]
         runs.append(run)
@@ -256,9 +269,14 @@ if pytest is not None:
         for world, row in out.items():
             for impl, r in row.items():
                 assert r["finite"], (world, impl)
-                if impl != PEER:
+                if impl != PEER and smoke:
                     # float32, 10 AdamW steps: only the order of the sums differs (see without_key_bias)
                     assert r["rel_diff_vs_peer_no_key_bias"] <= 1e-5, (world, impl, r)
+                elif impl != PEER:
+                    # At full scale Adam turns rounding-level gradients into +-lr steps, and two torch
+                    # implementations differ by that much too (DDP against FSDP2 at 4 ranks: 3.9e-4 per
+                    # tensor, benchmarks/README.md); a wrong gradient differs by far more.
+                    assert r["norm_rel_diff_vs_peer"] <= 1e-3, (world, impl, r)
                 if impl.startswith("functrain"):
                     # Every GPT tensor has >= 1 row per rank, so all are sharded: 1/N up to Adam's step counts.
                     assert r["state_mib"] <= r["state_unsharded_mib"] / world * 1.05, (world, impl, r)

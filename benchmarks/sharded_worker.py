@@ -18,6 +18,8 @@ Implementations (``--impl``):
 - ``fsdp2``: the peer. ``fully_shard`` on each ``Block``, then on the root (the standard recipe;
   default ``reshard_after_forward``), ``torch.optim.AdamW`` (foreach, torch's default), and
   ``opt.zero_grad(); loss.backward(); opt.step()``.
+- ``ddp``: a second torch implementation, for the numerics: ``DistributedDataParallel`` and the
+  same ``torch.optim.AdamW``, every rank holding everything.
 - ``functrain-eager`` / ``functrain-eager-inplace`` / ``functrain-compiled`` / ``functrain-compiled-inplace``:
   ``ft.TrainState.create(model, tx, mesh=mesh)`` and ``ft.make_train_step(model, lm_loss, tx,
   mesh=mesh, compile=..., inplace=...)`` with ``tx = ft.adamw(...)``.
@@ -63,6 +65,7 @@ import functrain as ft  # noqa: E402
 
 IMPLEMENTATIONS = (
     "fsdp2",
+    "ddp",
     "functrain-eager",
     "functrain-eager-inplace",
     "functrain-compiled",
@@ -97,11 +100,24 @@ def make_fsdp2(model, mesh):
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    return torch_optim(model, model)
+
+
+def make_ddp(model, mesh):
+    """A second torch implementation, to show how far two correct ones differ: DDP (gradients
+    all-reduced in buckets, every rank holding everything) and the same torch.optim.AdamW."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return torch_optim(DistributedDataParallel(model), model)
+
+
+def torch_optim(wrapped, model):
+    """Training ``wrapped`` (``model`` as FSDP2 or DDP made it) with torch.optim.AdamW (foreach)."""
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
     def run(batch) -> None:
         opt.zero_grad()  # set_to_none: gradients are freed here and rebuilt by backward
-        lm_loss(model, batch).backward()
+        lm_loss(wrapped, batch).backward()
         opt.step()
 
     def params() -> dict:
@@ -191,7 +207,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=7, help="timed steps (the numerics are after warmup + steps)")
     parser.add_argument("--out", required=True, help="directory rank 0 writes {impl}.json and {impl}.params.pt to")
+    parser.add_argument(
+        "--tensor-peak",
+        action="store_true",
+        help="CPU: profile the last untimed step's allocations (tensor_peak_bytes); the profiler "
+        "aborted one rank in about a hundred launches on the CI machine, so it is opt-in",
+    )
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1")
 
     cuda = args.device == "cuda"
     if cuda:
@@ -219,13 +243,19 @@ def main() -> None:
     ]
     if args.impl == "fsdp2":
         run, params, state_tensors, held_tensors = make_fsdp2(model, mesh)
+    elif args.impl == "ddp":
+        run, params, state_tensors, held_tensors = make_ddp(model, mesh)
     else:
         run, params, state_tensors, held_tensors = make_functrain(args.impl, model, mesh)
 
     warm_start = time.perf_counter()
     for batch in batches[: args.warmup - 1]:
         run(batch)
-    tensor_peak = None if cuda else tensor_peak_bytes(run, batches[args.warmup - 1], held_tensors)
+    if args.tensor_peak and not cuda:
+        tensor_peak = tensor_peak_bytes(run, batches[args.warmup - 1], held_tensors)
+    else:
+        tensor_peak = None
+        run(batches[args.warmup - 1])
     if cuda:
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - warm_start

@@ -135,20 +135,26 @@ def _backward_uses(
     late: dict[torch.fx.Node, None] = {}
     for readers in by_parameter.values():
         readers.sort(key=position)
-        after_first = _descendants(readers[0])
-        late.update((r, None) for r in readers[1:] if r in after_first)
+        late.update(dict.fromkeys(_computed_from(readers[0], readers[1:], position)))
     return sorted(late, key=position)
 
 
-def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
+def _computed_from(node: torch.fx.Node, later: list[torch.fx.Node], position: Any) -> list[torch.fx.Node]:
+    """Those of ``later`` (nodes after ``node``, in graph order) that read ``node``'s result,
+    directly or not. The search stops at the last of them: a model's every parameter searches the
+    graph between its forward and its backward use, not the whole graph."""
+    if not later:
+        return []
+    last, left = position(later[-1]), set(later)
     seen: set[torch.fx.Node] = set()
     todo = [node]
-    while todo:
+    while todo and left:
         for user in todo.pop().users:
-            if user not in seen:
+            if user not in seen and position(user) <= last:
                 seen.add(user)
+                left.discard(user)
                 todo.append(user)
-    return seen
+    return [n for n in later if n in seen]
 
 
 def regather(graph: torch.fx.Graph) -> None:
