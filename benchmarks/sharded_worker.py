@@ -36,8 +36,10 @@ from ``/proc/self/statm`` and read from the kernel's ``VmHWM`` after resetting i
 ``step_memory.py``, whose sampler this uses), minus the RSS after the imports and the process group
 (the *base*); ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return freed blocks to the OS, so the
 RSS follows live memory. On CUDA it is ``torch.cuda.max_memory_allocated`` over the timed steps
-minus the allocation at the base. Params + optimiser state bytes are summed over each tensor's
-local part (``to_local()`` of a DTensor; a plain tensor whole).
+minus the allocation at the base. With ``--tensor-peak`` (CPU) the last untimed step also runs
+under the profiler, for the tensor memory alone (:func:`tensor_peak_bytes`). Params + optimiser
+state bytes are summed over each tensor's local part (``to_local()`` of a DTensor; a plain tensor
+whole).
 
 Rank 0 writes ``{out}/{impl}.json`` (the numbers of every rank) and ``{out}/{impl}.params.pt``.
 """
