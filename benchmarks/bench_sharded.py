@@ -34,17 +34,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sharded_worker.py")
+sys.path.insert(0, HERE)
+from sharded_worker import IMPLEMENTATIONS as FULL_IMPLS  # noqa: E402
+
 PEER = "fsdp2"
-FULL_IMPLS = (
-    "fsdp2",
-    "ddp",
-    "functrain-eager",
-    "functrain-eager-inplace",
-    "functrain-compiled",
-    "functrain-compiled-inplace",
-    "dp-eager",
-    "dp-compiled",
-)
 SMOKE_IMPLS = ("fsdp2", "functrain-eager", "dp-eager")
 MiB = 2**20
 

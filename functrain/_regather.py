@@ -65,9 +65,8 @@ def _functional_collective(name: str) -> Any:
     return getattr(getattr(torch.ops._c10d_functional, name, None), "default", None)
 
 
-def _gathers(graph: torch.fx.Graph) -> list[tuple[list[torch.fx.Node], torch.fx.Node]]:
-    """Each gather of the graph's inputs: (the nodes from the inputs to its wait, in graph order;
-    the wait)."""
+def _gathers(graph: torch.fx.Graph) -> list[tuple[set[torch.fx.Node], torch.fx.Node]]:
+    """Each gather of the graph's inputs: (the nodes from the inputs to its wait; the wait)."""
     all_gather = _functional_collective("all_gather_into_tensor")
     wait = _functional_collective("wait_tensor")
     out = []
@@ -76,7 +75,7 @@ def _gathers(graph: torch.fx.Graph) -> list[tuple[list[torch.fx.Node], torch.fx.
             continue
         upstream = _ancestors(node)
         if upstream is not None:
-            out.append((sorted(upstream, key=_position(graph)), node))
+            out.append((upstream, node))
     return out
 
 

@@ -302,14 +302,19 @@ def gather_by_unit(units: list[str], params: dict[str, Tensor]) -> dict[str, Ten
     """:func:`gather_params` with the root's parameters and each unit's in buckets of their own,
     as the compiled step gathers them: there, :data:`functrain._regather.REGATHER_PASS` moves
     each unit's gather to the unit and repeats it for the unit's backward pass."""
-    groups: dict[str, list[str]] = {}
-    for name in params:
-        unit = next((u for u in units if name.startswith(u + ".")), "")
-        groups.setdefault(unit, []).append(name)
     out = {}
-    for names in groups.values():
+    for names in by_unit(units, params).values():
         out.update(zip(names, gather_all([params[k] for k in names])))
     return {k: out[k] for k in params}
+
+
+def by_unit(units: list[str], names: Any) -> dict[str, list[str]]:
+    """``names`` grouped by the unit they belong to, in order; ``""``: the root's."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        unit = next((u for u in units if name.startswith(u + ".")), "")
+        groups.setdefault(unit, []).append(name)
+    return groups
 
 
 def _used_outside(units: list[str]) -> ValueError:
@@ -345,7 +350,9 @@ class BlockGather:
     def __init__(self, model: torch.nn.Module, units: list[str], params: dict[str, Tensor]):
         self.model = model
         self.params = params
-        self.members = {u: [k for k in params if k.startswith(u + ".")] for u in units}
+        groups = by_unit(units, params)
+        self.members = {u: groups.get(u, []) for u in units}
+        self.root_names = groups.get("", [])
         self.live: dict[int, tuple[str, int, Any]] = {}  # storage address -> (unit, index, weakref)
         self.regathered: dict[str, list[Tensor]] = {}  # in the backward pass
         self.pending: dict[str, int] = {}  # saved views not yet unpacked, per unit
@@ -353,10 +360,8 @@ class BlockGather:
 
     def root(self) -> dict[str, Tensor]:
         """The params for ``functional_call``: the root's gathered now, the units' still shards."""
-        inside = {k for names in self.members.values() for k in names}
-        rest = [k for k in self.params if k not in inside]
         out = dict(self.params)
-        out.update(zip(rest, gather_all([self.params[k] for k in rest])))
+        out.update(zip(self.root_names, gather_all([self.params[k] for k in self.root_names])))
         return out
 
     def __enter__(self) -> BlockGather:

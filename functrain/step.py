@@ -900,7 +900,7 @@ def _with_graph_passes(options: dict[str, Any], sharded: bool) -> dict[str, Any]
 def _regather_pass() -> dict[str, Any]:
     return _inductor_pass(
         "post_grad_custom_pre_pass",
-        "REGATHER_PASS",
+        "_regather.REGATHER_PASS",
         "the compiled sharded step's regather pass",
         "every parameter is gathered whole for the whole step",
     )
@@ -908,21 +908,21 @@ def _regather_pass() -> dict[str, Any]:
 
 def _gemm_pass() -> dict[str, Any]:
     return _inductor_pass(
-        "post_grad_custom_post_pass", "GEMM_PASS", "compile['cpu_gemm']='fastest'", "every GEMM stays on ATen"
+        "post_grad_custom_post_pass", "_gemm.GEMM_PASS", "compile['cpu_gemm']='fastest'", "every GEMM stays on ATen"
     )
 
 
 def _inductor_pass(slot: str, name: str, what: str, without: str) -> dict[str, Any]:
-    """``{slot: functrain's pass <name>}``; nothing, with a warning (``what`` is unavailable:
+    """``{slot: functrain.<name>}`` (``module.PASS``); nothing, with a warning (``what`` is unavailable:
     ``without``), where this torch lacks inductor's ``slot`` or what the pass imports. Both passes
     change no numbers a user relies on by default, so a step without one still runs."""
     # Imported here: importing inductor takes over a second, which only a compiled step should pay.
     # The hooks are private inductor API: if they moved, the pass is lost with a warning, never the step.
-    module = {"GEMM_PASS": "_gemm", "REGATHER_PASS": "_regather"}[name]
+    module, attribute = name.split(".")
     try:
         from torch._inductor import config
 
-        graph_pass = getattr(importlib.import_module(f"functrain.{module}"), name)
+        graph_pass = getattr(importlib.import_module(f"functrain.{module}"), attribute)
         missing = None if hasattr(config, slot) else f"inductor's {slot}"
     except ImportError as error:
         missing = str(error)
